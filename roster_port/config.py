@@ -1,0 +1,124 @@
+"""The program's configuration: a TOML file, every key optional, unknown keys refused.
+
+    [store]                      # passed to the storage adapter named by `backend`
+    backend = "sqlite"           # "sqlite" or "postgres"
+    path = "roster-port.sqlite"  # sqlite: the database file (relative to the config file)
+    busy_timeout_ms = 5000       # sqlite: how long to wait for another process's write lock
+
+    [roster]
+    versioning = true            # roster versioning (XEP-0237 / RFC 6121 2.6)
+    pre_approval = true          # subscription pre-approval (RFC 6121 3.4)
+    auto_unsubscribed = true     # answer an inbound unsubscribe with unsubscribed, as ejabberd does
+    read_only = false            # refuse roster sets and subscription changes (the database is
+                                 # written by another application only)
+
+    [limits]
+    max_items = 10000            # items in one roster
+    max_name_length = 1024       # characters in an item's name
+    max_groups = 64              # groups of one item
+    max_group_length = 1024      # characters in a group name
+    max_frame_bytes = 8388608    # largest request frame accepted
+
+    [log]
+    level = "info"               # debug, info, warning, error
+    file = ""                    # empty: stderr (stdout is the protocol channel, never logs)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class RosterPolicy:
+    versioning: bool = True
+    pre_approval: bool = True
+    auto_unsubscribed: bool = True
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items: int = 10_000
+    max_name_length: int = 1024
+    max_groups: int = 64
+    max_group_length: int = 1024
+    max_frame_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    store: dict[str, Any] = field(default_factory=lambda: {"backend": "sqlite", "path": "roster-port.sqlite"})
+    roster: RosterPolicy = RosterPolicy()
+    limits: Limits = Limits()
+    log: LogConfig = LogConfig()
+    source: str = "<defaults>"
+
+
+def _section(cls, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    for key, value in values.items():
+        expected = type(getattr(cls(), key))
+        if type(value) is not expected:
+            raise ConfigError(
+                f"{where}.{key} must be {expected.__name__}, not {type(value).__name__}"
+            )
+        if expected is int and value <= 0:
+            raise ConfigError(f"{where}.{key} must be positive")
+    return cls(**values)
+
+
+def parse_config(data: dict[str, Any], *, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    unknown = set(data) - {"store", "roster", "limits", "log"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown sections {sorted(unknown)}")
+    store = dict(Config().store)
+    store_values = data.get("store", {})
+    if not isinstance(store_values, dict):
+        raise ConfigError(f"{source}: [store] must be a table")
+    if "backend" in store_values and store_values["backend"] != store["backend"]:
+        store = {}
+    store.update(store_values)
+    if base_dir is not None and isinstance(store.get("path"), str):
+        store["path"] = str((base_dir / store["path"]).resolve())
+    log = _section(LogConfig, data.get("log", {}), f"{source}: [log]")
+    if log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: [log].level must be debug, info, warning or error")
+    if log.file and base_dir is not None:
+        log = LogConfig(level=log.level, file=str((base_dir / log.file).resolve()))
+    return Config(
+        store=store,
+        roster=_section(RosterPolicy, data.get("roster", {}), f"{source}: [roster]"),
+        limits=_section(Limits, data.get("limits", {}), f"{source}: [limits]"),
+        log=log,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=path.parent)

@@ -1,0 +1,224 @@
+"""The dispatcher: a request frame in, a response frame out.
+
+Theory of operation
+-------------------
+`Dispatcher.handle(event)` takes one framing event (a frame, or an oversized frame that was
+skipped), decodes the request, checks its arguments, opens one store transaction on the user
+the request is about, runs the roster function the `OPERATIONS` table names for the op, and
+encodes the response: the result with its effects, or an error. It never raises: every failure
+becomes an error response (or, when no request id can be read, a log line and no response).
+
+The only I/O it does is through the store it is given. The stdio loop (server.py) owns the pipes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import PROTOCOL_VERSIONS, __version__, roster
+from .errors import ProtocolError, StanzaError
+from .framing import Frame, FrameEvent, OversizedFrame
+from .jid import InvalidJID, bare_jid
+from .messages import Request, RequestError, decode_request, encode_error, encode_response, recover_id
+from .roster import Outcome, Rules
+from .store.base import RosterStore, RosterTxn, StoreError, StoreUnavailable
+from .subscription import PRESENCE_TYPES, Direction, Event
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[RosterTxn, Rules, dict[str, Any]], Outcome]
+
+
+@dataclass(frozen=True)
+class Operation:
+    handler: Handler
+    writes: bool  # opens a read-modify-write transaction rather than a snapshot
+
+
+def _text_arg(args: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+    value = args.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError("bad_request", f"argument {key!r} must be text")
+    return value
+
+
+def _contact_arg(args: dict[str, Any]) -> str:
+    _text_arg(args, "contact")
+    return roster.contact_jid(args["contact"])
+
+
+def _presence_type_arg(args: dict[str, Any]) -> str:
+    presence_type = _text_arg(args, "type")
+    if presence_type not in PRESENCE_TYPES:
+        raise ProtocolError("bad_request", f"type must be one of {PRESENCE_TYPES}")
+    return presence_type
+
+
+def _subscription_handler(direction: Direction) -> Handler:
+    def handle(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outcome:
+        event = Event(direction, _presence_type_arg(args))
+        return roster.subscription(
+            txn, rules, _contact_arg(args), event, _text_arg(args, "status", optional=True)
+        )
+
+    return handle
+
+
+def _roster_iq(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outcome:
+    """The jabber:iq:roster rules a client expects (RFC 6121 2.1.5, 2.3.3)."""
+    iq_type = _text_arg(args, "type")
+    items = args.get("items") or []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ProtocolError("bad_request", "items must be a list of maps")
+    requester = _text_arg(args, "requester", optional=True)
+    if requester is not None and requester != txn.user:
+        raise StanzaError("auth", "forbidden", "a user may only read and change their own roster")
+    if iq_type == "get":
+        if items:
+            raise StanzaError("modify", "bad-request", "a roster get carries no items")
+        return roster.roster_query(txn, rules, _text_arg(args, "ver", optional=True))
+    if iq_type != "set":
+        raise ProtocolError("bad_request", "type must be get or set")
+    if len(items) != 1:
+        raise StanzaError("modify", "bad-request", "a roster set carries exactly one item")
+    if args.get("access", "allow") != "allow":
+        raise StanzaError("cancel", "not-allowed", "roster changes are not allowed for this user")
+    return roster.roster_set(txn, rules, items[0])
+
+
+def _store_set_item(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outcome:
+    item = args.get("item")
+    if not isinstance(item, dict):
+        raise ProtocolError("bad_request", "argument 'item' must be a map")
+    return roster.store_set_item(txn, rules, item)
+
+
+OPERATIONS: dict[str, Operation] = {
+    "roster_get": Operation(lambda txn, rules, args: roster.roster_get(txn, rules), writes=False),
+    "roster_iq": Operation(_roster_iq, writes=True),
+    "in_subscription": Operation(_subscription_handler(Direction.IN), writes=True),
+    "out_subscription": Operation(_subscription_handler(Direction.OUT), writes=True),
+    "jid_info": Operation(
+        lambda txn, rules, args: roster.jid_info(txn, rules, _contact_arg(args)), writes=False
+    ),
+    "pending_in": Operation(
+        lambda txn, rules, args: roster.pending_requests(txn, rules), writes=False
+    ),
+    "remove_user": Operation(lambda txn, rules, args: roster.remove_user(txn, rules), writes=True),
+    "store_get_roster": Operation(
+        lambda txn, rules, args: roster.store_get_roster(txn, rules), writes=False
+    ),
+    "store_get_item": Operation(
+        lambda txn, rules, args: roster.store_get_item(txn, rules, _contact_arg(args)),
+        writes=False,
+    ),
+    "store_set_item": Operation(_store_set_item, writes=True),
+    "store_del_item": Operation(
+        lambda txn, rules, args: roster.store_del_item(txn, rules, _contact_arg(args)),
+        writes=True,
+    ),
+    "store_remove_user": Operation(
+        lambda txn, rules, args: roster.store_remove_user(txn, rules), writes=True
+    ),
+    "store_read_version": Operation(
+        lambda txn, rules, args: roster.store_read_version(txn, rules), writes=False
+    ),
+}
+
+
+class Dispatcher:
+    def __init__(self, store: RosterStore, rules: Rules) -> None:
+        self.store = store
+        self.rules = rules
+        self.greeted = False
+
+    def handle(self, event: FrameEvent) -> bytes | None:
+        """The response payload for one framing event, or None when there is none to send."""
+        if isinstance(event, OversizedFrame):
+            request_id = recover_id(event.head)
+            message = f"frame of {event.length} bytes is over the limit"
+            return self._refuse(request_id, ProtocolError("frame_too_large", message), event.head)
+        assert isinstance(event, Frame)
+        try:
+            request = decode_request(event.payload)
+        except RequestError as exc:
+            return self._refuse(exc.request_id, exc.error, event.payload)
+        try:
+            return encode_response(request.id, self._serve(request))
+        except (ProtocolError, StanzaError) as exc:
+            log.debug("request %d (%s) refused: %s", request.id, request.op, exc)
+            return encode_error(request.id, exc.to_wire())
+        except StoreUnavailable as exc:
+            log.error("request %d (%s): store unavailable: %s", request.id, request.op, exc)
+            return encode_error(request.id, ProtocolError("store_unavailable", str(exc)).to_wire())
+        except StoreError as exc:
+            log.error("request %d (%s): store error: %s", request.id, request.op, exc)
+            return encode_error(request.id, ProtocolError("internal", str(exc)).to_wire())
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the process
+            log.exception("request %d (%s) failed", request.id, request.op)
+            error = ProtocolError("internal", f"{type(exc).__name__}: {exc}")
+            return encode_error(request.id, error.to_wire())
+
+    def _refuse(self, request_id: int | None, error: ProtocolError, raw: bytes) -> bytes | None:
+        if request_id is None:
+            log.warning("%s: %s (no request id; first bytes %s)", error.code, error.message, raw[:32].hex())
+            return None
+        log.warning("request %d: %s: %s", request_id, error.code, error.message)
+        return encode_error(request_id, error.to_wire())
+
+    def _serve(self, request: Request) -> dict[str, Any]:
+        if request.op == "hello":
+            return self._hello(request.args)
+        if not self.greeted:
+            raise ProtocolError("bad_request", "hello first")
+        if request.op == "ping":
+            return {"effects": []}
+        operation = OPERATIONS.get(request.op)
+        if operation is None:
+            raise ProtocolError("unknown_op", f"unknown op {request.op!r}")
+        user = self._user(request.args)
+        scope = self.store.transaction if operation.writes else self.store.snapshot
+        with scope(user) as txn:
+            outcome = operation.handler(txn, self.rules, request.args)
+        return {**outcome.result, "effects": [effect.to_wire() for effect in outcome.effects]}
+
+    @staticmethod
+    def _user(args: dict[str, Any]) -> str:
+        user = _text_arg(args, "user")
+        try:
+            normalised = bare_jid(user)
+        except InvalidJID as exc:
+            raise ProtocolError("bad_request", f"invalid user {user!r}: {exc}") from None
+        if "@" not in normalised:
+            raise ProtocolError("bad_request", f"user {user!r} has no localpart")
+        return normalised
+
+    def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        offered = args.get("protocols")
+        if not isinstance(offered, list):
+            raise ProtocolError("bad_request", "hello needs 'protocols', a list of versions")
+        common = [version for version in offered if version in PROTOCOL_VERSIONS]
+        if not common:
+            raise ProtocolError(
+                "unsupported_protocol",
+                f"this program speaks protocol versions {list(PROTOCOL_VERSIONS)}, "
+                f"the shim offered {offered}",
+            )
+        self.greeted = True
+        log.info("hello from shim %s for %s: protocol %d", args.get("shim"), args.get("host"), max(common))
+        policy = self.rules.policy
+        return {
+            "protocol": max(common),
+            "program": __version__,
+            "capabilities": {
+                "versioning": policy.versioning,
+                "pre_approval": policy.pre_approval,
+                "notifications": False,
+            },
+            "effects": [],
+        }

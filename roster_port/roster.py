@@ -1,0 +1,389 @@
+"""Roster semantics: one function per operation, in RFC 6121's own words.
+
+Theory of operation
+-------------------
+Each function receives one user's roster inside an open store transaction (`RosterTxn`) and
+the site's rules, reads and writes `RosterRow`s, and returns an `Outcome`: the result map the
+shim turns into a hook answer or an IQ result, and the effects it must carry out (pushes,
+routed presences). Refusals are `StanzaError`s, XMPP errors as values the dispatcher sends back.
+
+What this module must never do: I/O of its own (the transaction is its only window on the
+world), decide a subscription transition itself (that is subscription.step's job), or touch a
+second user's roster (every operation is about the roster of `txn.user` only: the contact's
+side of a subscription is changed when the routed presence reaches the contact's own hooks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .config import Limits, RosterPolicy
+from .effects import Effect, Push, RoutePresence, SendPresence, SendUnavailable
+from .jid import InvalidJID, bare_jid
+from .store.base import RosterRow, RosterTxn
+from .subscription import Direction, Event, SubState, step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The site's policy and limits, as the configuration gives them."""
+
+    policy: RosterPolicy = RosterPolicy()
+    limits: Limits = Limits()
+
+
+@dataclass
+class Outcome:
+    result: dict[str, Any] = field(default_factory=dict)
+    effects: list[Effect] = field(default_factory=list)
+
+
+# --- Wire forms -----------------------------------------------------------------------------
+
+
+def wire_item(row: RosterRow, subscription: str | None = None) -> dict[str, Any]:
+    """The item as a client sees it (`<item/>` of jabber:iq:roster)."""
+    return {
+        "jid": row.contact,
+        "name": row.name,
+        "subscription": subscription or row.subscription,
+        "ask": "subscribe" if row.pending_out else None,
+        "approved": row.approved,
+        "groups": list(row.groups),
+    }
+
+
+_ASK_OF_PENDING = {
+    (False, False): "none",
+    (True, False): "out",
+    (False, True): "in",
+    (True, True): "both",
+}
+
+
+def ask_of(row: RosterRow) -> str:
+    """ejabberd's `ask` value (none/in/out/both) for the pending flags of a row."""
+    return _ASK_OF_PENDING[(row.pending_out, row.pending_in)]
+
+
+def stored_record(row: RosterRow) -> dict[str, Any]:
+    """The row as mod_roster's storage API sees it (`#roster{}`)."""
+    return {
+        "jid": row.contact,
+        "name": row.name,
+        "subscription": row.subscription,
+        "ask": ask_of(row),
+        "groups": list(row.groups),
+        "askmessage": row.request_text,
+        "approved": row.approved,
+    }
+
+
+# ejabberd's legacy ask values: `subscribe` is a pending outbound request, `unsubscribe` none.
+_PENDING_OF_ASK = {
+    "none": (False, False),
+    "out": (True, False),
+    "in": (False, True),
+    "both": (True, True),
+    "subscribe": (True, False),
+    "unsubscribe": (False, False),
+}
+
+
+def row_from_record(record: dict[str, Any]) -> RosterRow:
+    """A stored record from mod_roster's API, validated, as a row. Raises bad-request."""
+    if not isinstance(record, dict):
+        raise errors.bad_request("item must be a map")
+    contact = contact_jid(record.get("jid"))
+    ask = record.get("ask") or "none"
+    if ask not in _PENDING_OF_ASK:
+        raise errors.bad_request(f"unknown ask value {ask!r}")
+    subscription = record.get("subscription") or "none"
+    if subscription not in ("none", "to", "from", "both"):
+        raise errors.bad_request(f"unknown subscription {subscription!r}")
+    pending_out, pending_in = _PENDING_OF_ASK[ask]
+    return RosterRow(
+        contact=contact,
+        name=_text(record.get("name"), "name"),
+        subscription=subscription,
+        pending_out=pending_out,
+        pending_in=pending_in,
+        approved=bool(record.get("approved")),
+        in_roster=True,
+        groups=tuple(_groups(record.get("groups"))),
+        request_text=_text(record.get("askmessage"), "askmessage"),
+    )
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise errors.bad_request(f"{what} must be text")
+    return value
+
+
+def _groups(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(group, str) for group in value):
+        raise errors.bad_request("groups must be a list of text")
+    return value
+
+
+def contact_jid(value: Any) -> str:
+    """A contact's normalised bare JID, or a bad-request naming what is wrong."""
+    if not isinstance(value, str):
+        raise errors.bad_request("jid is missing")
+    try:
+        return bare_jid(value)
+    except InvalidJID as exc:
+        raise errors.StanzaError("modify", "jid-malformed", f"invalid JID {value!r}: {exc}") from None
+
+
+def state_of(row: RosterRow) -> SubState:
+    return SubState(row.subscription, row.pending_out, row.pending_in, row.approved)
+
+
+def _version(txn: RosterTxn, rules: Rules) -> str | None:
+    return txn.version() if rules.policy.versioning else None
+
+
+# --- Roster gets ------------------------------------------------------------------------------
+
+
+def roster_get(txn: RosterTxn, rules: Rules) -> Outcome:
+    """The items of the roster (the `roster_get` hook): never a stranger's pending request."""
+    return Outcome({"items": [wire_item(row) for row in txn.rows() if row.in_roster]})
+
+
+def roster_query(txn: RosterTxn, rules: Rules, client_ver: str | None) -> Outcome:
+    """An IQ get: the whole roster, or nothing when the client's version is current."""
+    ver = _version(txn, rules)
+    if ver is not None and client_ver == ver:
+        return Outcome({"items": None, "ver": ver})
+    return Outcome({"items": roster_get(txn, rules).result["items"], "ver": ver})
+
+
+# --- Roster sets ------------------------------------------------------------------------------
+
+
+def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
+    """An IQ set of one item: add or update name and groups, or remove (RFC 6121 2.3, 2.5)."""
+    if rules.policy.read_only:
+        raise errors.not_allowed("this roster is managed by another application")
+    contact = contact_jid(item.get("jid"))
+    if contact == txn.user:
+        raise errors.not_allowed("a user's own JID cannot be a roster item")
+    if item.get("ask") is not None:
+        raise errors.bad_request("a roster set must not carry ask")
+    if item.get("subscription") == "remove":
+        return _remove_item(txn, rules, contact)
+    name = _text(item.get("name"), "name")
+    groups = _groups(item.get("groups"))
+    _check_limits(rules.limits, name, groups)
+
+    row = txn.get(contact)
+    if row is None:
+        if txn.count() >= rules.limits.max_items:
+            raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
+        row = RosterRow(contact, in_roster=False)
+    updated = row.evolve(name=name, groups=tuple(groups), in_roster=True)
+    if updated == row:
+        return Outcome()
+    txn.put(updated)
+    return Outcome(effects=[Push(txn.user, wire_item(updated), _version(txn, rules))])
+
+
+def _check_limits(limits: Limits, name: str, groups: list[str]) -> None:
+    if len(name) > limits.max_name_length:
+        raise errors.not_acceptable(f"name is longer than {limits.max_name_length} characters")
+    if len(set(groups)) != len(groups):
+        raise errors.bad_request("an item may not list the same group twice")
+    if len(groups) > limits.max_groups:
+        raise errors.not_acceptable(f"an item may be in at most {limits.max_groups} groups")
+    for group in groups:
+        if not group:
+            raise errors.not_acceptable("a group name may not be empty")
+        if len(group) > limits.max_group_length:
+            raise errors.not_acceptable(
+                f"group name is longer than {limits.max_group_length} characters"
+            )
+
+
+def _cancel_both_directions(user: str, row: RosterRow) -> list[Effect]:
+    """What U sends C when C leaves U's roster: cancel U's subscription and C's (RFC 6121 2.5.2)."""
+    effects: list[Effect] = []
+    if row.subscription in ("from", "both"):
+        effects.append(SendUnavailable(user, row.contact))
+    if row.subscription in ("to", "both") or row.pending_out:
+        effects.append(RoutePresence(user, row.contact, "unsubscribe"))
+    if row.subscription in ("from", "both") or row.pending_in:
+        effects.append(RoutePresence(user, row.contact, "unsubscribed"))
+    return effects
+
+
+def _remove_item(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:
+    row = txn.get(contact)
+    if row is None or not row.in_roster:
+        raise errors.StanzaError("cancel", "item-not-found", f"{contact} is not in the roster")
+    txn.delete(contact)
+    push = Push(txn.user, wire_item(row, subscription="remove"), _version(txn, rules))
+    return Outcome(effects=[push, *_cancel_both_directions(txn.user, row)])
+
+
+# --- Subscriptions ----------------------------------------------------------------------------
+
+
+def subscription(
+    txn: RosterTxn,
+    rules: Rules,
+    contact: str,
+    event: Event,
+    status: str | None,
+) -> Outcome:
+    """A subscription presence between U (`txn.user`) and `contact`, in either direction.
+
+    The result says, for an inbound presence, whether to deliver it to U's clients and, for an
+    outbound one, whether it may go on to the contact (a pre-approval may not).
+    """
+    answer_key = "deliver" if event.direction is Direction.IN else "route"
+    row = txn.get(contact)
+    if rules.policy.read_only:
+        # The application owns relationships: nothing changes, nothing is delivered.
+        return Outcome({answer_key: False})
+    if row is None:
+        if txn.count() >= rules.limits.max_items:
+            log.warning("%s: roster full, ignoring %s from/to %s", txn.user, event, contact)
+            return Outcome({answer_key: False})
+        row = RosterRow(contact, in_roster=False)
+
+    moved = step(
+        state_of(row),
+        event,
+        pre_approval=rules.policy.pre_approval,
+        auto_unsubscribed=rules.policy.auto_unsubscribed,
+    )
+    new = moved.new
+    in_roster = row.in_roster or (
+        # U acting on C (asking, approving, pre-approving) makes C an item of U's roster.
+        event.direction is Direction.OUT
+        and (new.subscription != "none" or new.pending_out or new.approved)
+    )
+    if new.pending_in and not moved.old.pending_in:
+        request_text = status or ""
+    elif new.pending_in:
+        request_text = row.request_text
+    else:
+        request_text = ""
+    updated = row.evolve(
+        subscription=new.subscription,
+        pending_out=new.pending_out,
+        pending_in=new.pending_in,
+        approved=new.approved,
+        in_roster=in_roster,
+        request_text=request_text,
+    )
+
+    effects: list[Effect] = []
+    if updated != row:
+        if not updated.in_roster and new == SubState():
+            txn.delete(contact)  # a stranger's request, denied or withdrawn: forget it
+        else:
+            txn.put(updated)
+        if updated.in_roster and moved.changed:
+            effects.append(Push(txn.user, wire_item(updated), _version(txn, rules)))
+    if moved.auto_reply:
+        effects.append(RoutePresence(txn.user, contact, moved.auto_reply))
+    if moved.gained_from:
+        effects.append(SendPresence(txn.user, contact))
+    elif moved.lost_from:
+        effects.append(SendUnavailable(txn.user, contact))
+    answer = moved.deliver if event.direction is Direction.IN else moved.route
+    return Outcome({answer_key: answer}, effects)
+
+
+def jid_info(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:
+    """`roster_get_jid_info`: subscription, ask and groups of one contact."""
+    row = txn.get(contact)
+    if row is None:
+        return Outcome({"subscription": "none", "ask": "none", "groups": []})
+    return Outcome(
+        {"subscription": row.subscription, "ask": ask_of(row), "groups": list(row.groups)}
+    )
+
+
+def pending_requests(txn: RosterTxn, rules: Rules) -> Outcome:
+    """Inbound requests U has not answered, to re-send at U's first available presence."""
+    requests = [
+        {"from": row.contact, "status": row.request_text} for row in txn.rows() if row.pending_in
+    ]
+    return Outcome({"requests": requests})
+
+
+def remove_user(txn: RosterTxn, rules: Rules) -> Outcome:
+    """The account is gone: cancel every subscription both ways, then drop the roster."""
+    effects = [
+        effect
+        for row in txn.rows()
+        for effect in _cancel_both_directions(txn.user, row)
+        if not isinstance(effect, SendUnavailable)  # the user's sessions are already gone
+    ]
+    txn.delete_all()
+    return Outcome(effects=effects)
+
+
+# --- mod_roster's storage API (admin commands, XEP-0227) ------------------------------------
+
+
+def store_get_roster(txn: RosterTxn, rules: Rules) -> Outcome:
+    return Outcome({"items": [stored_record(row) for row in txn.rows()]})
+
+
+def store_get_item(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:
+    row = txn.get(contact)
+    return Outcome({"item": stored_record(row) if row else None})
+
+
+def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outcome:
+    """Write an item as an administrator gives it: any state, no state machine, no routing."""
+    if rules.policy.read_only:
+        raise errors.not_allowed("this roster is managed by another application")
+    row = row_from_record(record)
+    _check_limits(rules.limits, row.name, list(row.groups))
+    if row.contact == txn.user:
+        raise errors.not_allowed("a user's own JID cannot be a roster item")
+    old = txn.get(row.contact)
+    if old is None and txn.count() >= rules.limits.max_items:
+        raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
+    if old == row:
+        return Outcome({"ver": _version(txn, rules)})
+    txn.put(row)
+    ver = _version(txn, rules)
+    return Outcome({"ver": ver}, [Push(txn.user, wire_item(row), ver)])
+
+
+def store_del_item(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:
+    if rules.policy.read_only:
+        raise errors.not_allowed("this roster is managed by another application")
+    row = txn.get(contact)
+    if row is None:
+        return Outcome({"ver": _version(txn, rules)})
+    txn.delete(contact)
+    ver = _version(txn, rules)
+    effects = [Push(txn.user, wire_item(row, subscription="remove"), ver)] if row.in_roster else []
+    return Outcome({"ver": ver}, effects)
+
+
+def store_remove_user(txn: RosterTxn, rules: Rules) -> Outcome:
+    txn.delete_all()
+    return Outcome()
+
+
+def store_read_version(txn: RosterTxn, rules: Rules) -> Outcome:
+    return Outcome({"ver": _version(txn, rules)})

@@ -1,0 +1,131 @@
+"""The one narrow interface every storage adapter implements.
+
+Theory of operation: the roster logic never talks SQL. For each request it opens one
+transaction scoped to one user's roster (`RosterStore.transaction(user)`), reads and writes
+`RosterRow`s through it, and the transaction commits when the block exits without an exception
+(and rolls back otherwise). Every operation of the protocol touches the roster of exactly one
+user, so a transaction never needs a second user's lock.
+
+Rules every adapter keeps (the contract suite in tests/store_contract.py checks them):
+- A transaction is atomic and isolated from every other process on the same database: two
+  processes running read-modify-write on the same user's roster never lose an update (SQLite:
+  BEGIN IMMEDIATE and a busy timeout; PostgreSQL: a row lock on the user's version row).
+- The version is a text that changes whenever a row of that user changes, by this program or by
+  anyone else writing the database (triggers), and never goes back to a value it had before,
+  even after every row is deleted. `version()` inside a transaction that wrote something
+  reflects those writes.
+- An unreachable database raises `StoreUnavailable`, never a driver exception, and nothing is
+  half-written.
+- SQL is always parameterised.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+SUBSCRIPTIONS = ("none", "to", "from", "both")
+
+
+class StoreError(Exception):
+    """A storage failure the caller can report but not fix."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, restarting, locked for too long)."""
+
+
+@dataclass(frozen=True)
+class RosterRow:
+    """What is stored about one contact in one user's roster.
+
+    `in_roster` keeps "is this contact in the user's roster" apart from the subscription state:
+    a stranger's subscription request is stored (with its text, to re-send at the next login)
+    but is not a roster item, so it is never listed nor pushed.
+    """
+
+    contact: str
+    name: str = ""
+    subscription: str = "none"
+    pending_out: bool = False
+    pending_in: bool = False
+    approved: bool = False
+    in_roster: bool = True
+    groups: tuple[str, ...] = field(default=())
+    request_text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.subscription not in SUBSCRIPTIONS:
+            raise ValueError(f"subscription {self.subscription!r} is not one of {SUBSCRIPTIONS}")
+        if not isinstance(self.groups, tuple):
+            object.__setattr__(self, "groups", tuple(self.groups))
+
+    def evolve(self, **changes) -> "RosterRow":
+        return replace(self, **changes)
+
+
+class RosterTxn(abc.ABC):
+    """One user's roster inside one open transaction."""
+
+    user: str
+
+    @abc.abstractmethod
+    def rows(self) -> list[RosterRow]:
+        """Every row of the user, strangers' pending requests included, ordered by contact."""
+
+    @abc.abstractmethod
+    def get(self, contact: str) -> RosterRow | None:
+        """The row for `contact` (a normalised bare JID), or None."""
+
+    @abc.abstractmethod
+    def put(self, row: RosterRow) -> None:
+        """Insert or replace the row for `row.contact`."""
+
+    @abc.abstractmethod
+    def delete(self, contact: str) -> None:
+        """Delete the row for `contact`; deleting a missing row is not an error."""
+
+    @abc.abstractmethod
+    def delete_all(self) -> None:
+        """Delete every row of the user (the version keeps moving forward)."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """How many rows the user has (for the roster size limit)."""
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """The user's roster version as it stands inside this transaction."""
+
+
+class RosterStore(abc.ABC):
+    """A database holding every user's roster. One instance per program process."""
+
+    read_only: bool = False
+
+    @abc.abstractmethod
+    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        """Open an atomic read-modify-write scope on `user`'s roster."""
+
+    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        """A read-only scope: adapters may make it cheaper than `transaction`."""
+        return self.transaction(user)
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for logs and `roster-port check`: what this store is and where."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. The store is not used afterwards."""
+
+
+@contextlib.contextmanager
+def unavailable_on(*exception_types: type[BaseException]) -> Iterator[None]:
+    """Turn a driver's connection errors into StoreUnavailable, keeping the cause."""
+    try:
+        yield
+    except exception_types as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc

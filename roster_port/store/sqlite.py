@@ -1,0 +1,481 @@
+"""The SQLite adapter: every user's roster in one SQLite file, shared by all program processes.
+
+Theory of operation
+-------------------
+ejabberd runs a pool of program processes; each one opens its own `SQLiteStore`, which holds one
+connection to the same database file. The file is in WAL mode, so readers never wait for the
+writer and the writer never waits for readers.
+
+- `transaction(user)` runs `BEGIN IMMEDIATE`: it takes SQLite's single write lock *before* the
+  first read, so a read-modify-write from one process can never interleave with another's (with
+  a deferred BEGIN, two processes could both read, then one would fail to upgrade to a writer).
+  Waiting for the lock is bounded by the busy timeout; waiting longer is `StoreUnavailable`.
+- `snapshot(user)` runs a deferred `BEGIN`: a consistent read that takes no write lock. Its
+  `RosterTxn` refuses writes.
+- Versions are kept by the database, not by this code: triggers on `roster_items` bump the
+  user's counter in `roster_versions` on every INSERT, UPDATE and DELETE, so a write made by any
+  other application in plain SQL moves the version too. The counter row is never deleted, so a
+  version never comes back, even after every row of the user is gone.
+- The schema is created and upgraded by sqlite-utils' `Migrations` (recorded in its
+  `_sqlite_migrations` table). Pending migrations are applied inside one `BEGIN IMMEDIATE`
+  transaction, so processes started together on a fresh file migrate it exactly once.
+- Each scope first checks that the path still names the file the connection has open. A file
+  that is gone (its directory removed or renamed, a volume unmounted) is `StoreUnavailable` until
+  it is back; a file replaced by another one is reopened. (Replace a database together with its
+  -wal and -shm files, or a stale log of the old file is read with the new one: that is SQLite's
+  rule, not ours.)
+
+What this module must never do
+------------------------------
+- Let a `sqlite3` exception escape: every driver error becomes `StoreUnavailable` (cannot reach
+  the file, locked for too long, I/O failure, disk full) or `StoreError` (anything else).
+- Commit a scope that raised, or leave a transaction open after a scope ends.
+- Create a database file anywhere but at first open: after the file disappears, it never
+  silently starts a new, empty one in its place.
+- Build SQL from data: every value is a bound parameter.
+- Write to stdout (it is the program's protocol channel); it only logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlite_utils
+
+from roster_port.store.base import (
+    SUBSCRIPTIONS,
+    RosterRow,
+    RosterStore,
+    RosterTxn,
+    StoreError,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# --- Schema ---------------------------------------------------------------------------------
+#
+# Migrations are append-only: a released step is never edited, a schema change is a new step.
+
+SCHEMA = sqlite_utils.Migrations("roster_port")
+
+_SUBSCRIPTION_LIST = ", ".join(f"'{state}'" for state in SUBSCRIPTIONS)  # constants, not data
+
+
+@SCHEMA(name="0001_roster_items")
+def _create_roster_items(db: sqlite_utils.Database) -> None:
+    # Written out by hand because sqlite-utils' create() cannot say WITHOUT ROWID nor CHECK.
+    # WITHOUT ROWID clusters the rows on (user, contact): a full roster (50 or 5,000 items) is one
+    # contiguous range of the b-tree, read in contact order with no sort and no second lookup
+    # per row. Groups are a JSON array in the row for the same reason (no join to read them).
+    # The CHECKs keep other applications writing this table in plain SQL from storing rows that
+    # the program could not read back.
+    db.execute(
+        f"""
+        CREATE TABLE roster_items (
+            user TEXT NOT NULL,
+            contact TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            subscription TEXT NOT NULL DEFAULT 'none'
+                CHECK (subscription IN ({_SUBSCRIPTION_LIST})),
+            pending_out INTEGER NOT NULL DEFAULT 0 CHECK (pending_out IN (0, 1)),
+            pending_in INTEGER NOT NULL DEFAULT 0 CHECK (pending_in IN (0, 1)),
+            approved INTEGER NOT NULL DEFAULT 0 CHECK (approved IN (0, 1)),
+            in_roster INTEGER NOT NULL DEFAULT 1 CHECK (in_roster IN (0, 1)),
+            groups TEXT NOT NULL DEFAULT '[]'
+                CHECK (json_valid(groups) AND json_type(groups) = 'array'),
+            request_text TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (user, contact)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+@SCHEMA(name="0002_roster_versions")
+def _create_roster_versions(db: sqlite_utils.Database) -> None:
+    db["roster_versions"].create(
+        {"user": str, "counter": int},
+        pk="user",
+        not_null={"counter"},
+        defaults={"counter": 0},
+    )
+
+
+def _bump_counter_sql(user_expression: str) -> str:
+    # An upsert, so the first write of a user creates the counter row.
+    return (
+        f"INSERT INTO roster_versions (user, counter) VALUES ({user_expression}, 1) "
+        "ON CONFLICT (user) DO UPDATE SET counter = counter + 1;"
+    )
+
+
+@SCHEMA(name="0003_version_triggers")
+def _create_version_triggers(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TRIGGER roster_items_version_on_insert AFTER INSERT ON roster_items "
+        f"BEGIN {_bump_counter_sql('NEW.user')} END"
+    )
+    db.execute(
+        "CREATE TRIGGER roster_items_version_on_update AFTER UPDATE ON roster_items "
+        f"BEGIN {_bump_counter_sql('OLD.user')} END"
+    )
+    # An UPDATE that moves a row to another user changes that user's roster too.
+    db.execute(
+        "CREATE TRIGGER roster_items_version_on_update_of_user AFTER UPDATE OF user ON roster_items "
+        f"WHEN NEW.user IS NOT OLD.user BEGIN {_bump_counter_sql('NEW.user')} END"
+    )
+    db.execute(
+        "CREATE TRIGGER roster_items_version_on_delete AFTER DELETE ON roster_items "
+        f"BEGIN {_bump_counter_sql('OLD.user')} END"
+    )
+
+
+# --- Errors ---------------------------------------------------------------------------------
+
+# Primary result codes that mean "the database cannot be used right now" rather than "this
+# request or this program is wrong".
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,  # locked by another writer for longer than the busy timeout
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_READONLY,  # file or file system became read-only, file moved (DBMOVED)
+    }
+)
+# Of those, the ones after which the connection itself is suspect and is reopened next time.
+_RECONNECT_CODES = _UNAVAILABLE_CODES - {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+_SELECT_COLUMNS = (
+    "contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, request_text"
+)
+
+
+def _row_from_record(record: tuple) -> RosterRow:
+    contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text = record
+    return RosterRow(
+        contact=contact,
+        name=name,
+        subscription=subscription,
+        pending_out=bool(pending_out),
+        pending_in=bool(pending_in),
+        approved=bool(approved),
+        in_roster=bool(in_roster),
+        groups=tuple(json.loads(groups)),
+        request_text=text,
+    )
+
+
+class _SQLiteTxn(RosterTxn):
+    """One user's roster inside one open SQLite transaction of `store`'s connection."""
+
+    def __init__(self, store: "SQLiteStore", connection: sqlite3.Connection, user: str,
+                 refuse_writes_because: str | None) -> None:
+        self.user = user
+        self._store = store
+        self._connection = connection
+        self._refuse_writes_because = refuse_writes_because
+        self._open = True
+
+    def _execute(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
+        if not self._open:
+            raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
+        with self._store._translated_errors():
+            return self._connection.execute(sql, parameters)
+
+    def _check_writable(self, operation: str) -> None:
+        if self._refuse_writes_because is not None:
+            raise StoreError(f"{operation} refused: {self._refuse_writes_because}")
+
+    def rows(self) -> list[RosterRow]:
+        cursor = self._execute(
+            f"SELECT {_SELECT_COLUMNS} FROM roster_items WHERE user = ? ORDER BY contact",
+            (self.user,),
+        )
+        return [_row_from_record(record) for record in cursor]
+
+    def get(self, contact: str) -> RosterRow | None:
+        record = self._execute(
+            f"SELECT {_SELECT_COLUMNS} FROM roster_items WHERE user = ? AND contact = ?",
+            (self.user, contact),
+        ).fetchone()
+        return None if record is None else _row_from_record(record)
+
+    def put(self, row: RosterRow) -> None:
+        self._check_writable("put")
+        # An upsert rather than INSERT OR REPLACE: REPLACE deletes and re-inserts, which would
+        # fire two version triggers and, with recursive triggers off, skip the delete one.
+        self._execute(
+            """
+            INSERT INTO roster_items (user, contact, name, subscription, pending_out, pending_in,
+                                      approved, in_roster, groups, request_text)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (user, contact) DO UPDATE SET
+                name = excluded.name,
+                subscription = excluded.subscription,
+                pending_out = excluded.pending_out,
+                pending_in = excluded.pending_in,
+                approved = excluded.approved,
+                in_roster = excluded.in_roster,
+                groups = excluded.groups,
+                request_text = excluded.request_text
+            """,
+            (
+                self.user,
+                row.contact,
+                row.name,
+                row.subscription,
+                int(row.pending_out),
+                int(row.pending_in),
+                int(row.approved),
+                int(row.in_roster),
+                json.dumps(list(row.groups), ensure_ascii=False, separators=(",", ":")),
+                row.request_text,
+            ),
+        )
+
+    def delete(self, contact: str) -> None:
+        self._check_writable("delete")
+        self._execute(
+            "DELETE FROM roster_items WHERE user = ? AND contact = ?", (self.user, contact)
+        )
+
+    def delete_all(self) -> None:
+        self._check_writable("delete_all")
+        self._execute("DELETE FROM roster_items WHERE user = ?", (self.user,))
+
+    def count(self) -> int:
+        return self._execute(
+            "SELECT count(*) FROM roster_items WHERE user = ?", (self.user,)
+        ).fetchone()[0]
+
+    def version(self) -> str:
+        record = self._execute(
+            "SELECT counter FROM roster_versions WHERE user = ?", (self.user,)
+        ).fetchone()
+        return "0" if record is None else str(record[0])
+
+
+class SQLiteStore(RosterStore):
+    """Rosters in one SQLite file (WAL mode), through one connection per instance.
+
+    The instance may be handed from thread to thread, but is used by one thread at a time: a
+    lock serialises scopes, and a scope opened inside another one on the same instance is an
+    error (SQLite has one transaction per connection).
+    """
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000, read_only: bool = False) -> None:
+        if busy_timeout_ms < 0:
+            raise ValueError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
+        self.path = str(Path(path).absolute())
+        self.busy_timeout_ms = busy_timeout_ms
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._connection: sqlite3.Connection | None = None
+        self._file_identity: tuple[int, int] | None = None
+        self._closed = False
+        # Only the first open may create the file; see the module docstring.
+        self._connect(may_create=not read_only)
+        log.info("opened %s", self.describe())
+
+    # --- RosterStore ------------------------------------------------------------------------
+
+    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        if self.read_only:
+            # A read-only connection cannot take the write lock; nothing will be written anyway.
+            return self._scope(user, "BEGIN", f"the store {self.path} is opened read-only")
+        return self._scope(user, "BEGIN IMMEDIATE", None)
+
+    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        return self._scope(user, "BEGIN", "a snapshot is read-only; use transaction() to write")
+
+    def describe(self) -> str:
+        access = "read-only" if self.read_only else "read-write"
+        return (
+            f"SQLite database {self.path} (WAL, synchronous=NORMAL, "
+            f"busy timeout {self.busy_timeout_ms} ms, {access})"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._disconnect()
+
+    # --- Outside changes --------------------------------------------------------------------
+
+    def data_version(self) -> int:
+        """SQLite's `PRAGMA data_version` for this store's connection.
+
+        For detecting changes made by others: the number moves whenever *another* connection
+        (another program process, or any other application) commits to the database, and does
+        not move for this store's own commits. Poll it between requests; when it moved, compare
+        the users' versions to find which rosters changed behind this process's back. Only
+        compare values from one connection: after the store reopens its file, the number
+        restarts from an unrelated value (which reads as "something may have changed", a
+        harmless false alarm).
+        """
+        with self._lock:
+            connection = self._usable_connection()
+            with self._translated_errors():
+                return connection.execute("PRAGMA data_version").fetchone()[0]
+
+    # --- Scopes -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _scope(self, user: str, begin: str, refuse_writes_because: str | None
+               ) -> Iterator[RosterTxn]:
+        with self._lock:
+            connection = self._usable_connection()
+            if connection.in_transaction:
+                raise StoreError("a transaction is already open on this store (no nesting)")
+            with self._translated_errors():
+                connection.execute(begin)
+            txn = _SQLiteTxn(self, connection, user, refuse_writes_because)
+            try:
+                yield txn
+            except BaseException:
+                txn._open = False
+                self._rollback(connection)
+                raise
+            txn._open = False
+            try:
+                with self._translated_errors():
+                    connection.execute("COMMIT")
+            except StoreError:
+                self._rollback(connection)
+                raise
+
+    def _rollback(self, connection: sqlite3.Connection) -> None:
+        # Never mask the error being raised: a failed rollback (the file just vanished, say)
+        # still leaves nothing committed, which is all the caller needs.
+        try:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback failed on %s: %s; reopening next time", self.path, exc)
+            self._disconnect()
+
+    @contextlib.contextmanager
+    def _translated_errors(self) -> Iterator[None]:
+        """Turn sqlite3 errors into StoreUnavailable / StoreError (keeping the cause)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = _primary_code(exc)
+            detail = f"{self.path}: {getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}"
+            if code in _UNAVAILABLE_CODES:
+                if code in _RECONNECT_CODES:
+                    self._disconnect()
+                log.warning("SQLite database unavailable: %s", detail)
+                raise StoreUnavailable(detail) from exc
+            raise StoreError(detail) from exc
+
+    # --- Connection -------------------------------------------------------------------------
+
+    def _usable_connection(self) -> sqlite3.Connection:
+        """The open connection, after checking that the path still names its file."""
+        if self._closed:
+            raise StoreError(f"the store {self.path} is closed")
+        if self._connection is not None:
+            identity = self._current_file_identity()
+            if identity != self._file_identity:
+                log.warning("%s was replaced by another file; reopening it", self.path)
+                self._disconnect()
+        if self._connection is None:
+            self._connect(may_create=False)
+        assert self._connection is not None
+        return self._connection
+
+    def _current_file_identity(self) -> tuple[int, int]:
+        try:
+            status = os.stat(self.path)
+        except OSError as exc:
+            self._disconnect()
+            raise StoreUnavailable(
+                f"the SQLite database {self.path} cannot be reached ({exc.strerror}); "
+                "was its directory moved or its volume unmounted?"
+            ) from exc
+        return status.st_dev, status.st_ino
+
+    def _connect(self, *, may_create: bool) -> None:
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise StoreUnavailable(
+                f"the directory {directory} of the SQLite database {self.path} does not exist"
+            )
+        if not may_create and not os.path.exists(self.path):
+            why = "a read-only store never creates it" if self.read_only else (
+                "it was there before; a new empty one is not created in its place")
+            raise StoreUnavailable(f"the SQLite database {self.path} does not exist ({why})")
+        mode = "ro" if self.read_only else ("rwc" if may_create else "rw")
+        with self._translated_errors():
+            connection = sqlite3.connect(
+                f"{Path(self.path).as_uri()}?mode={mode}",
+                uri=True,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # guarded by self._lock instead
+            )
+            try:
+                self._prepare(connection)
+            except BaseException:
+                connection.close()
+                raise
+        self._connection = connection
+        self._file_identity = self._current_file_identity()
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        # (The busy timeout is already set: sqlite3.connect's `timeout` is sqlite3_busy_timeout.)
+        db = sqlite_utils.Database(connection, recursive_triggers=False, execute_plugins=False)
+        if self.read_only:
+            connection.execute("PRAGMA query_only = ON")  # a second guard below our own
+        elif db.journal_mode != "wal":
+            db.enable_wal()  # persistent: stored in the file, for every later connection
+        connection.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; no fsync per commit
+        self._migrate(db)
+
+    def _migrate(self, db: sqlite_utils.Database) -> None:
+        pending = [migration.name for migration in SCHEMA.pending(db)]
+        if not pending:
+            return
+        if self.read_only:
+            raise StoreError(
+                f"the schema of {self.path} is not current (missing {', '.join(pending)}); "
+                "open it read-write once to migrate it"
+            )
+        # One write lock around "what is pending" and "apply it": processes started together
+        # on a fresh file wait for each other, and only the first one migrates.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            applied_now = [migration.name for migration in SCHEMA.pending(db)]
+            SCHEMA.apply(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
+        if applied_now:
+            log.info("migrated %s: applied %s", self.path, ", ".join(applied_now))
+
+    def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        self._file_identity = None
+        if connection is not None:
+            try:
+                connection.close()
+            except sqlite3.Error as exc:  # closing a connection to a vanished file
+                log.debug("closing %s: %s", self.path, exc)

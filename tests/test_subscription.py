@@ -1,0 +1,139 @@
+"""The RFC 6121 state machine, cell by cell, plus pre-approval and the states odd data holds.
+
+The expected table here is a second transcription of RFC 6121's tables (and of
+shared/reference/rfc6121-subscriptions.md), written independently of the one in
+roster_port/subscription.py, so a typo in either shows up as a failing cell.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from roster_port.subscription import (
+    EVENTS,
+    PRESENCE_TYPES,
+    STATES,
+    Direction,
+    Event,
+    SubState,
+    canonical,
+    step,
+)
+
+D, AS, AU = "deliver", "auto subscribed", "auto unsubscribed"
+
+# state: [out subscribe, out unsubscribe, out subscribed, out unsubscribed,
+#         in subscribe, in unsubscribe, in subscribed, in unsubscribed]
+# Each cell: (new state, flags). The pre-approval cells are listed as plain no-ops here and
+# tested on their own below, with pre-approval off and on.
+EXPECTED = {
+    "N": [("N+PO",), ("N",), ("N",), ("N",), ("N+PI", D), ("N",), ("N",), ("N",)],
+    "N+PO": [("N+PO",), ("N",), ("N+PO",), ("N+PO",), ("N+PO+PI", D), ("N+PO",), ("T", D), ("N", D)],
+    "N+PI": [("N+PO+PI",), ("N+PI",), ("F",), ("N",), ("N+PI",), ("N", D, AU), ("N+PI",), ("N+PI",)],
+    "N+PO+PI": [("N+PO+PI",), ("N+PI",), ("F+PO",), ("N+PO",), ("N+PO+PI",), ("N+PO", D, AU), ("T+PI", D), ("N+PI", D)],
+    "T": [("T",), ("N",), ("T",), ("T",), ("T+PI", D), ("T",), ("T",), ("N", D)],
+    "T+PI": [("T+PI",), ("N+PI",), ("B",), ("T",), ("T+PI",), ("T", D, AU), ("T+PI",), ("N+PI", D)],
+    "F": [("F+PO",), ("F",), ("F",), ("N",), ("F", AS), ("N", D, AU), ("F",), ("F",)],
+    "F+PO": [("F+PO",), ("F",), ("F+PO",), ("N+PO",), ("F+PO", AS), ("N+PO", D, AU), ("B", D), ("F", D)],
+    "B": [("B",), ("F",), ("B",), ("T",), ("B", AS), ("T", D, AU), ("B",), ("F", D)],
+}
+
+COLUMNS = [Event(direction, kind) for direction in Direction for kind in PRESENCE_TYPES]
+CELLS = [
+    pytest.param(state, event, cell, id=f"{state}-{event}")
+    for state, row in EXPECTED.items()
+    for event, cell in zip(COLUMNS, row, strict=True)
+]
+
+
+def test_the_table_has_every_state_and_event():
+    assert set(STATES) == set(EXPECTED)
+    assert list(EVENTS) == COLUMNS
+    assert len(CELLS) == 72
+
+
+@pytest.mark.parametrize("state, event, cell", CELLS)
+def test_cell(state, event, cell):
+    new_state, *flags = cell
+    moved = step(SubState.from_name(state), event, pre_approval=False)
+    assert moved.new == SubState.from_name(new_state)
+    assert moved.deliver == (D in flags)
+    expected_reply = "subscribed" if AS in flags else "unsubscribed" if AU in flags else None
+    assert moved.auto_reply == expected_reply
+    assert moved.route is True
+    assert moved.changed == (new_state != state)
+
+
+@pytest.mark.parametrize("state", ["N", "N+PO", "N+PO+PI", "T+PI", "F", "B"])
+def test_inbound_unsubscribe_auto_reply_can_be_turned_off(state):
+    moved = step(SubState.from_name(state), Event(Direction.IN, "unsubscribe"), auto_unsubscribed=False)
+    assert moved.auto_reply is None
+
+
+# --- Pre-approval (RFC 6121 3.4) --------------------------------------------------------------
+
+OUT_SUBSCRIBED = Event(Direction.OUT, "subscribed")
+OUT_UNSUBSCRIBED = Event(Direction.OUT, "unsubscribed")
+IN_SUBSCRIBE = Event(Direction.IN, "subscribe")
+
+
+@pytest.mark.parametrize("state", ["N", "N+PO", "T"])
+def test_out_subscribed_without_request_pre_approves_and_is_not_routed(state):
+    moved = step(SubState.from_name(state), OUT_SUBSCRIBED)
+    assert moved.new == SubState.from_name(state, approved=True)
+    assert moved.route is False
+    assert moved.changed
+
+
+@pytest.mark.parametrize("state, after", [("N", "F"), ("N+PO", "F+PO"), ("T", "B")])
+def test_subscribe_to_a_pre_approved_item_is_answered_for_the_user(state, after):
+    moved = step(SubState.from_name(state, approved=True), IN_SUBSCRIBE)
+    assert moved.new == SubState.from_name(after)  # the approval is used up
+    assert moved.deliver is False
+    assert moved.auto_reply == "subscribed"
+    assert moved.gained_from
+
+
+@pytest.mark.parametrize("state", ["N", "N+PO", "T"])
+def test_out_unsubscribed_cancels_a_pre_approval(state):
+    moved = step(SubState.from_name(state, approved=True), OUT_UNSUBSCRIBED)
+    assert moved.new.approved is False
+    assert step(moved.new, IN_SUBSCRIBE).deliver is True
+
+
+def test_pre_approval_off_leaves_the_state_alone():
+    moved = step(SubState(), OUT_SUBSCRIBED, pre_approval=False)
+    assert moved.new == SubState() and moved.route is True and not moved.changed
+
+
+@pytest.mark.parametrize("state", ["N", "N+PO", "T"])
+def test_a_pre_approval_survives_unrelated_events(state):
+    approved = SubState.from_name(state, approved=True)
+    assert step(approved, Event(Direction.IN, "unsubscribed")).new.approved
+    assert step(approved, Event(Direction.OUT, "subscribe")).new.approved
+
+
+# --- States only odd data can hold ------------------------------------------------------------
+
+ALL_STORED_STATES = [
+    SubState(subscription, pending_out, pending_in, approved)
+    for subscription in ("none", "to", "from", "both")
+    for pending_out in (False, True)
+    for pending_in in (False, True)
+    for approved in (False, True)
+]
+
+
+@pytest.mark.parametrize("state", ALL_STORED_STATES, ids=lambda s: f"{s.name}{'+A' if s.approved else ''}")
+def test_every_stored_combination_has_an_answer_for_every_event(state):
+    for event in EVENTS:
+        for pre_approval in (False, True):
+            moved = step(state, event, pre_approval=pre_approval)
+            assert canonical(moved.new) == moved.new
+            assert moved.new.name in STATES
+
+
+def test_to_with_pending_out_is_treated_as_to():
+    assert canonical(SubState("to", pending_out=True)) == SubState("to")
+    assert canonical(SubState("from", pending_in=True)) == SubState("from")
+    assert step(SubState("both", True, True), Event(Direction.OUT, "unsubscribe")).new == SubState("from")
