@@ -22,9 +22,17 @@ from . import PROTOCOL_VERSIONS, __version__, roster
 from .errors import ProtocolError, StanzaError
 from .framing import Frame, FrameEvent, OversizedFrame
 from .jid import InvalidJID, bare_jid
-from .messages import Request, RequestError, decode_request, encode_error, encode_response, recover_id
+from .messages import (
+    Request,
+    RequestError,
+    decode_request,
+    encode_error,
+    encode_notification,
+    encode_response,
+    recover_id,
+)
 from .roster import Outcome, Rules
-from .store.base import RosterStore, RosterTxn, StoreError, StoreUnavailable
+from .store.base import OutsideChange, RosterStore, RosterTxn, StoreError, StoreUnavailable
 from .subscription import PRESENCE_TYPES, Direction, Event
 
 log = logging.getLogger(__name__)
@@ -136,6 +144,7 @@ class Dispatcher:
         self.store = store
         self.rules = rules
         self.greeted = False
+        self.wants_changes = False  # the shim asked this process to report outside changes
 
     def handle(self, event: FrameEvent) -> bytes | None:
         """The response payload for one framing event, or None when there is none to send."""
@@ -187,6 +196,24 @@ class Dispatcher:
             outcome = operation.handler(txn, self.rules, request.args)
         return {**outcome.result, "effects": [effect.to_wire() for effect in outcome.effects]}
 
+    def notifications(self, changes: list[OutsideChange]) -> list[bytes]:
+        """`roster_changed` notifications for changes other applications made, one per user."""
+        by_user: dict[str, list[OutsideChange]] = {}
+        for change in changes:
+            by_user.setdefault(change.user, []).append(change)
+        payloads = []
+        for user, user_changes in by_user.items():
+            try:
+                with self.store.snapshot(user) as txn:
+                    effects = roster.outside_changes(txn, self.rules, user_changes)
+            except StoreError as exc:
+                log.error("changes to %s made outside XMPP not pushed: %s", user, exc)
+                continue
+            log.info("%s: %d rows changed outside XMPP", user, len(user_changes))
+            params = {"user": user, "effects": [effect.to_wire() for effect in effects]}
+            payloads.append(encode_notification("roster_changed", params))
+        return payloads
+
     @staticmethod
     def _user(args: dict[str, Any]) -> str:
         user = _text_arg(args, "user")
@@ -210,6 +237,7 @@ class Dispatcher:
                 f"the shim offered {offered}",
             )
         self.greeted = True
+        self.wants_changes = bool(args.get("change_feed"))
         log.info("hello from shim %s for %s: protocol %d", args.get("shim"), args.get("host"), max(common))
         policy = self.rules.policy
         return {
@@ -218,7 +246,7 @@ class Dispatcher:
             "capabilities": {
                 "versioning": policy.versioning,
                 "pre_approval": policy.pre_approval,
-                "notifications": False,
+                "notifications": self.wants_changes,
             },
             "effects": [],
         }

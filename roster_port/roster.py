@@ -23,7 +23,7 @@ from . import errors
 from .config import Limits, RosterPolicy
 from .effects import Effect, Push, RoutePresence, SendPresence, SendUnavailable
 from .jid import InvalidJID, bare_jid
-from .store.base import RosterRow, RosterTxn
+from .store.base import OutsideChange, RosterRow, RosterTxn
 from .subscription import Direction, Event, SubState, step
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,37 @@ def remove_user(txn: RosterTxn, rules: Rules) -> Outcome:
     ]
     txn.delete_all()
     return Outcome(effects=effects)
+
+
+# --- Changes made outside XMPP ---------------------------------------------------------------
+
+
+def outside_changes(txn: RosterTxn, rules: Rules, changes: list[OutsideChange]) -> list[Effect]:
+    """What U's clients and contacts must learn of rows another application changed.
+
+    `changes` are about `txn.user`, oldest first; `txn` shows the rows as they are now. Each
+    contact touched is pushed once, as it stands now (or removed), and the presence consequences
+    follow from the subscription before the first change and after the last.
+    """
+    first_old: dict[str, str | None] = {}
+    for change in changes:
+        first_old.setdefault(change.contact, change.old_subscription)
+    ver = _version(txn, rules)
+    effects: list[Effect] = []
+    for contact, old_subscription in first_old.items():
+        row = txn.get(contact)
+        if row is not None and row.in_roster:
+            effects.append(Push(txn.user, wire_item(row), ver))
+        elif old_subscription is not None:
+            gone = RosterRow(contact)
+            effects.append(Push(txn.user, wire_item(gone, subscription="remove"), ver))
+        had_from = old_subscription in ("from", "both")
+        has_from = row is not None and row.subscription in ("from", "both")
+        if has_from and not had_from:
+            effects.append(SendPresence(txn.user, contact))
+        elif had_from and not has_from:
+            effects.append(SendUnavailable(txn.user, contact))
+    return effects
 
 
 # --- mod_roster's storage API (admin commands, XEP-0227) ------------------------------------

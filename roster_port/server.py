@@ -7,12 +7,17 @@ points fd 1 at stderr, so a stray print() from any library can never corrupt a f
 Requests are served in the order they arrive; all responses completed by one read are written
 with one write, so a pipelined burst costs one system call each way. EOF on stdin: the requests
 already read are answered, the store is closed, and the program exits 0.
+
+When the shim's hello asks for it (`change_feed`), the loop also watches the store's change
+feed (a LISTEN socket, or a poll timer) and writes `roster_changed` notifications between
+responses, never inside one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import sys
 
@@ -20,6 +25,7 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .framing import FrameDecoder, encode_frame
 from .roster import Rules
+from .store.base import ChangeFeed
 from .store.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -42,31 +48,60 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class Terminated(Exception):
+    pass
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def serve(config: Config, *, stdin_fd: int = 0) -> int:
     frames_fd = claim_stdout()
-    # ejabberd stops its ports by closing the pipe; a TERM from an operator means the same.
-    signal.signal(signal.SIGTERM, lambda *_: os.close(stdin_fd))
+    # ejabberd stops its ports by closing the pipe; a TERM from an operator stops us too (an
+    # open transaction rolls back; the shim's deadline covers the request it was serving).
+    signal.signal(signal.SIGTERM, _terminate)
     store = open_store(config)
     log.info("serving rosters from %s (pid %d)", store.describe(), os.getpid())
     dispatcher = Dispatcher(store, Rules(config.roster, config.limits))
     decoder = FrameDecoder(config.limits.max_frame_bytes)
+    feed: ChangeFeed | None = None
+    selector = selectors.DefaultSelector()
+    selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
     try:
         while True:
-            try:
+            if feed is None and dispatcher.wants_changes:
+                feed = store.open_change_feed()
+                if feed is None:
+                    log.warning("the shim asked for outside changes; %s has no change feed", store.describe())
+                elif feed.fileno() is not None:
+                    selector.register(feed.fileno(), selectors.EVENT_READ, "feed")
+                    log.info("reporting changes made outside XMPP (woken by the database)")
+                else:
+                    log.info("reporting changes made outside XMPP (polled every %.2f s)", feed.poll_interval)
+                dispatcher.wants_changes = feed is not None
+            timeout = feed.poll_interval if feed is not None else None
+            ready = {key.data for key, _ in selector.select(timeout)}
+            out: list[bytes] = []
+            if "stdin" in ready:
                 data = os.read(stdin_fd, READ_SIZE)
-            except OSError:  # stdin closed by the TERM handler
-                data = b""
-            if not data:
-                break
-            responses = [dispatcher.handle(event) for event in decoder.feed(data)]
-            out = b"".join(encode_frame(payload) for payload in responses if payload is not None)
+                if not data:
+                    break
+                out += [payload for event in decoder.feed(data) if (payload := dispatcher.handle(event))]
+            if feed is not None and ("feed" in ready or feed.fileno() is None):
+                out += dispatcher.notifications(feed.read())
             if out:
-                write_all(frames_fd, out)
+                write_all(frames_fd, b"".join(encode_frame(payload) for payload in out))
     except BrokenPipeError:
         log.warning("the shim closed our stdout; exiting")
+    except Terminated as exc:
+        log.info("stopped by %s", exc)
     finally:
         if decoder.buffered:
             log.warning("EOF inside a frame: %d bytes of an incomplete frame dropped", decoder.buffered)
+        if feed is not None:
+            feed.close()
+        selector.close()
         store.close()
-        log.info("stdin closed; store closed; exiting")
+        log.info("store closed; exiting")
     return 0

@@ -143,3 +143,51 @@ def test_a_bad_config_is_refused_with_a_clear_message(tmp_path):
     assert result.stdout == ""
     missing = _run_cli("check", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_changes_made_outside_are_notified_and_own_changes_are_not(config, tmp_path):
+    import time
+
+    with ProgramProcess(config, hello=False) as program:
+        hello = program.call("hello", {"protocols": [1], "shim": "test", "host": "example.com", "change_feed": True})
+        assert hello["capabilities"]["notifications"] is True
+        program.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "name": "Bob"}]})
+        # Another application makes Carol Alice's friend in plain SQL, and renames Bob.
+        started = time.monotonic()
+        with sqlite3.connect(tmp_path / "rosters.sqlite") as outside:
+            outside.execute(
+                "INSERT INTO roster_items (user, contact, name, subscription) VALUES (?, ?, ?, ?)",
+                (ALICE, "carol@example.com", "Carol", "both"),
+            )
+            outside.execute("UPDATE roster_items SET name = 'Robert' WHERE user = ? AND contact = ?", (ALICE, BOB))
+        notification = program.read_message()
+        assert time.monotonic() - started < 1.0
+        assert notification[:2] == [2, "roster_changed"]
+        params = notification[2]
+        assert params["user"] == ALICE
+        pushes = {effect["item"]["jid"]: effect["item"] for effect in params["effects"] if effect["type"] == "push"}
+        assert pushes[BOB]["name"] == "Robert"
+        assert pushes["carol@example.com"]["subscription"] == "both"
+        assert {"type": "send_presence", "user": ALICE, "to": "carol@example.com"} in params["effects"]
+        version = program.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "get", "items": []})["ver"]
+        assert {effect["ver"] for effect in params["effects"] if effect["type"] == "push"} == {version}
+
+        # The program's own writes are pushed in their responses, never notified again.
+        program.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "subscription": "remove"}]})
+        time.sleep(0.5)
+        with sqlite3.connect(tmp_path / "rosters.sqlite") as outside:
+            outside.execute("DELETE FROM roster_items WHERE user = ? AND contact = ?", (ALICE, "carol@example.com"))
+        notification = program.read_message()
+        assert notification[2]["effects"] == [
+            {"type": "push", "user": ALICE, "ver": notification[2]["effects"][0]["ver"],
+             "item": {"jid": "carol@example.com", "name": "", "subscription": "remove", "ask": None, "approved": False, "groups": []}},
+            {"type": "send_unavailable", "user": ALICE, "to": "carol@example.com"},
+        ]
+
+
+def test_sigterm_stops_the_program_cleanly(config):
+    import signal
+
+    program = ProgramProcess(config)
+    program.process.send_signal(signal.SIGTERM)
+    assert program.process.wait(10) == 0

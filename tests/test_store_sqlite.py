@@ -117,7 +117,7 @@ def test_processes_opening_a_fresh_file_together_migrate_it_once(db_path):
             if process.is_alive():
                 process.kill()
     assert reports == ["ok"] * processes_count
-    assert len(applied_migrations(db_path)) == len(set(applied_migrations(db_path))) == 3
+    assert len(applied_migrations(db_path)) == len(set(applied_migrations(db_path))) == len(SCHEMA._migrations)
 
 
 def test_the_database_is_in_wal_mode_with_synchronous_normal(open_store, db_path):

@@ -17,6 +17,10 @@ Rules every adapter keeps (the contract suite in tests/store_contract.py checks 
 - An unreachable database raises `StoreUnavailable`, never a driver exception, and nothing is
   half-written.
 - SQL is always parameterised.
+- Scopes do not nest: one scope at a time per store instance.
+- Changes made by other applications are recorded by the database (triggers) so that
+  `open_change_feed()` can report them; changes made through this interface are not reported
+  (the program already pushed them).
 """
 
 from __future__ import annotations
@@ -100,6 +104,37 @@ class RosterTxn(abc.ABC):
         """The user's roster version as it stands inside this transaction."""
 
 
+@dataclass(frozen=True)
+class OutsideChange:
+    """A row changed by someone other than this program (an application, psql)."""
+
+    user: str
+    contact: str
+    old_subscription: str | None  # None: there was no row
+    new_subscription: str | None  # None: there is no row any more
+
+
+class ChangeFeed(abc.ABC):
+    """Reports `OutsideChange`s, oldest first, each once, from the moment it is opened.
+
+    A feed is either woken by a file descriptor (`fileno()`, e.g. a PostgreSQL LISTEN
+    connection) or polled every `poll_interval` seconds (e.g. SQLite's data_version).
+    """
+
+    poll_interval: float | None = None
+
+    def fileno(self) -> int | None:
+        return None
+
+    @abc.abstractmethod
+    def read(self) -> list[OutsideChange]:
+        """The changes since the last read (possibly none)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the feed's own connection."""
+
+
 class RosterStore(abc.ABC):
     """A database holding every user's roster. One instance per program process."""
 
@@ -112,6 +147,10 @@ class RosterStore(abc.ABC):
     def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
         """A read-only scope: adapters may make it cheaper than `transaction`."""
         return self.transaction(user)
+
+    def open_change_feed(self) -> ChangeFeed | None:
+        """A feed of changes made outside this program, or None if the store has none."""
+        return None
 
     @abc.abstractmethod
     def describe(self) -> str:

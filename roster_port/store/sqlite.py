@@ -51,6 +51,8 @@ import sqlite_utils
 
 from roster_port.store.base import (
     SUBSCRIPTIONS,
+    ChangeFeed,
+    OutsideChange,
     RosterRow,
     RosterStore,
     RosterTxn,
@@ -137,6 +139,55 @@ def _create_version_triggers(db: sqlite_utils.Database) -> None:
     )
 
 
+@SCHEMA(name="0004_roster_changes")
+def _create_change_log(db: sqlite_utils.Database) -> None:
+    # Every change of a row, by anyone, is logged by triggers; the program deletes the entries
+    # of its own transactions before it commits them (see _SQLiteTxn._forget_own_changes), so
+    # what stays are the changes made by other applications, read by SQLiteChangeFeed.
+    db.execute(
+        """
+        CREATE TABLE roster_changes (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user TEXT NOT NULL,
+            contact TEXT NOT NULL,
+            old_subscription TEXT,
+            new_subscription TEXT,
+            recorded_at REAL NOT NULL DEFAULT (julianday('now'))
+        )
+        """
+    )
+    log_change = (
+        "INSERT INTO roster_changes (user, contact, old_subscription, new_subscription) "
+        "VALUES ({user}, {contact}, {old}, {new});"
+    )
+    moved = "(NEW.user IS NOT OLD.user OR NEW.contact IS NOT OLD.contact)"
+    db.execute(
+        "CREATE TRIGGER roster_items_log_insert AFTER INSERT ON roster_items BEGIN "
+        + log_change.format(user="NEW.user", contact="NEW.contact", old="NULL", new="NEW.subscription")
+        + " END"
+    )
+    db.execute(
+        "CREATE TRIGGER roster_items_log_update AFTER UPDATE ON roster_items BEGIN "
+        + log_change.format(
+            user="OLD.user",
+            contact="OLD.contact",
+            old="OLD.subscription",
+            new=f"CASE WHEN {moved} THEN NULL ELSE NEW.subscription END",
+        )
+        + " END"
+    )
+    db.execute(
+        f"CREATE TRIGGER roster_items_log_move AFTER UPDATE ON roster_items WHEN {moved} BEGIN "
+        + log_change.format(user="NEW.user", contact="NEW.contact", old="NULL", new="NEW.subscription")
+        + " END"
+    )
+    db.execute(
+        "CREATE TRIGGER roster_items_log_delete AFTER DELETE ON roster_items BEGIN "
+        + log_change.format(user="OLD.user", contact="OLD.contact", old="OLD.subscription", new="NULL")
+        + " END"
+    )
+
+
 # --- Errors ---------------------------------------------------------------------------------
 
 # Primary result codes that mean "the database cannot be used right now" rather than "this
@@ -191,6 +242,7 @@ class _SQLiteTxn(RosterTxn):
         self._connection = connection
         self._refuse_writes_because = refuse_writes_because
         self._open = True
+        self._own_changes_after: int | None = None  # roster_changes.id before our first write
 
     def _execute(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
         if not self._open:
@@ -201,6 +253,16 @@ class _SQLiteTxn(RosterTxn):
     def _check_writable(self, operation: str) -> None:
         if self._refuse_writes_because is not None:
             raise StoreError(f"{operation} refused: {self._refuse_writes_because}")
+        if self._own_changes_after is None:
+            self._own_changes_after = self._execute(
+                "SELECT coalesce(max(id), 0) FROM roster_changes"
+            ).fetchone()[0]
+
+    def _forget_own_changes(self) -> None:
+        """Drop the change-log entries this transaction's writes made: we hold the write lock
+        (BEGIN IMMEDIATE), so every entry after the mark is ours, and ours are already pushed."""
+        if self._own_changes_after is not None:
+            self._execute("DELETE FROM roster_changes WHERE id > ?", (self._own_changes_after,))
 
     def rows(self) -> list[RosterRow]:
         cursor = self._execute(
@@ -318,6 +380,9 @@ class SQLiteStore(RosterStore):
 
     # --- Outside changes --------------------------------------------------------------------
 
+    def open_change_feed(self) -> ChangeFeed:
+        return SQLiteChangeFeed(self.path, busy_timeout_ms=self.busy_timeout_ms)
+
     def data_version(self) -> int:
         """SQLite's `PRAGMA data_version` for this store's connection.
 
@@ -352,13 +417,15 @@ class SQLiteStore(RosterStore):
                 txn._open = False
                 self._rollback(connection)
                 raise
-            txn._open = False
             try:
+                txn._forget_own_changes()
                 with self._translated_errors():
                     connection.execute("COMMIT")
             except StoreError:
                 self._rollback(connection)
                 raise
+            finally:
+                txn._open = False
 
     def _rollback(self, connection: sqlite3.Connection) -> None:
         # Never mask the error being raised: a failed rollback (the file just vanished, say)
@@ -479,3 +546,58 @@ class SQLiteStore(RosterStore):
                 connection.close()
             except sqlite3.Error as exc:  # closing a connection to a vanished file
                 log.debug("closing %s: %s", self.path, exc)
+
+
+class SQLiteChangeFeed(ChangeFeed):
+    """Changes other applications made to the SQLite file, read from `roster_changes`.
+
+    Polled: `PRAGMA data_version` on the feed's own connection moves whenever any other
+    connection commits, so a poll that finds it unchanged costs one pragma and no query.
+    Entries are kept for `RETENTION_DAYS` so that several readers (one per ejabberd node on the
+    same host) each see every change; the feed prunes older ones now and then.
+    """
+
+    poll_interval = 0.2
+    RETENTION_DAYS = 1.0
+    PRUNE_EVERY = 3000  # polls (about ten minutes)
+    BATCH = 5000
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self._connection = sqlite3.connect(
+            f"{Path(path).as_uri()}?mode=rw", uri=True, timeout=busy_timeout_ms / 1000,
+            isolation_level=None, check_same_thread=False,
+        )
+        self._after = self._connection.execute(
+            "SELECT coalesce(max(id), 0) FROM roster_changes"
+        ).fetchone()[0]
+        self._data_version = None
+        self._polls = 0
+
+    def read(self) -> list[OutsideChange]:
+        try:
+            data_version = self._connection.execute("PRAGMA data_version").fetchone()[0]
+            if data_version == self._data_version:
+                return []
+            records = self._connection.execute(
+                "SELECT id, user, contact, old_subscription, new_subscription FROM roster_changes "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (self._after, self.BATCH),
+            ).fetchall()
+            if len(records) < self.BATCH:  # else: more to read at the next poll
+                self._data_version = data_version
+            self._polls += 1
+            if self._polls % self.PRUNE_EVERY == 0:
+                self._connection.execute(
+                    "DELETE FROM roster_changes WHERE recorded_at < julianday('now') - ?",
+                    (self.RETENTION_DAYS,),
+                )
+        except sqlite3.Error as exc:
+            log.warning("change feed on %s: %s; retrying at the next poll", self.path, exc)
+            return []
+        if records:
+            self._after = records[-1][0]
+        return [OutsideChange(user, contact, old, new) for _, user, contact, old, new in records]
+
+    def close(self) -> None:
+        self._connection.close()
