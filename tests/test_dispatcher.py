@@ -182,6 +182,7 @@ def test_iq_shape_rules(session):
     assert session.stanza_error("roster_iq", {**base, "type": "set", "items": two}) == "bad-request"
     other = {"user": ALICE, "requester": BOB, "type": "get", "items": []}
     assert session.stanza_error("roster_iq", other) == "forbidden"
+    assert session.ok("roster_iq", {**other, "remote_access": True})["items"] == []  # XEP-0356
     assert session.set_error(ALICE, {"jid": BOB}, access="deny") == "not-allowed"
 
 
