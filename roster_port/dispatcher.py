@@ -238,6 +238,8 @@ class Dispatcher:
             )
         self.greeted = True
         self.wants_changes = bool(args.get("change_feed"))
+        if isinstance(args.get("node"), str) and args["node"]:
+            self.store.origin = args["node"]
         log.info("hello from shim %s for %s: protocol %d", args.get("shim"), args.get("host"), max(common))
         policy = self.rules.policy
         return {

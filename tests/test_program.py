@@ -191,3 +191,18 @@ def test_sigterm_stops_the_program_cleanly(config):
     program = ProgramProcess(config)
     program.process.send_signal(signal.SIGTERM)
     assert program.process.wait(10) == 0
+
+
+def test_a_change_made_through_another_node_is_notified_on_this_one(config):
+    hello = {"protocols": [1], "shim": "test", "host": "example.com"}
+    with ProgramProcess(config, hello=False) as node_a, ProgramProcess(config, hello=False) as node_b:
+        node_a.call("hello", {**hello, "node": "ejabberd@a", "change_feed": True})
+        node_b.call("hello", {**hello, "node": "ejabberd@b", "change_feed": True})
+        result = node_a.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "name": "Bob"}]})
+        [push] = result["effects"]
+        notification = node_b.read_message()
+        assert notification == [2, "roster_changed", {"user": ALICE, "effects": [push]}]
+        # Node A pushed its own change in the response: its feed stays quiet.
+        node_b.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "name": "Bobby"}]})
+        assert node_a.read_message()[2]["effects"][0]["item"]["name"] == "Bobby"
+        assert node_a.call("ping", {}) == {"effects": []}  # nothing else was waiting

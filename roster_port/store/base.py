@@ -18,9 +18,10 @@ Rules every adapter keeps (the contract suite in tests/store_contract.py checks 
   half-written.
 - SQL is always parameterised.
 - Scopes do not nest: one scope at a time per store instance.
-- Changes made by other applications are recorded by the database (triggers) so that
-  `open_change_feed()` can report them; changes made through this interface are not reported
-  (the program already pushed them).
+- Every change is recorded by the database (triggers), stamped with the `origin` of the store
+  that made it (the ejabberd node the program serves; nothing for other applications), so that
+  `open_change_feed()` reports the changes of every other origin: other applications and other
+  ejabberd nodes. A node's own changes are pushed by the responses that made them.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class RosterTxn(abc.ABC):
 
 @dataclass(frozen=True)
 class OutsideChange:
-    """A row changed by someone other than this program (an application, psql)."""
+    """A row changed by someone other than this node's program (an application, psql, the
+    program serving another ejabberd node)."""
 
     user: str
     contact: str
@@ -135,10 +137,14 @@ class ChangeFeed(abc.ABC):
         """Release the feed's own connection."""
 
 
+DEFAULT_ORIGIN = "roster-port"
+
+
 class RosterStore(abc.ABC):
     """A database holding every user's roster. One instance per program process."""
 
     read_only: bool = False
+    origin: str = DEFAULT_ORIGIN  # set from the shim's hello: the ejabberd node served
 
     @abc.abstractmethod
     def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:

@@ -51,6 +51,7 @@ import sqlite_utils
 
 from roster_port.store.base import (
     SUBSCRIPTIONS,
+    DEFAULT_ORIGIN,
     ChangeFeed,
     OutsideChange,
     RosterRow,
@@ -141,9 +142,10 @@ def _create_version_triggers(db: sqlite_utils.Database) -> None:
 
 @SCHEMA(name="0004_roster_changes")
 def _create_change_log(db: sqlite_utils.Database) -> None:
-    # Every change of a row, by anyone, is logged by triggers; the program deletes the entries
-    # of its own transactions before it commits them (see _SQLiteTxn._forget_own_changes), so
-    # what stays are the changes made by other applications, read by SQLiteChangeFeed.
+    # Every change of a row, by anyone, is logged by triggers. The program stamps the entries
+    # of its own transactions with its origin (the ejabberd node it serves) before it commits
+    # them (see _SQLiteTxn._stamp_own_changes); other applications' entries have no origin.
+    # SQLiteChangeFeed reports every entry whose origin is not its own node's.
     db.execute(
         """
         CREATE TABLE roster_changes (
@@ -152,6 +154,7 @@ def _create_change_log(db: sqlite_utils.Database) -> None:
             contact TEXT NOT NULL,
             old_subscription TEXT,
             new_subscription TEXT,
+            origin TEXT,
             recorded_at REAL NOT NULL DEFAULT (julianday('now'))
         )
         """
@@ -258,11 +261,14 @@ class _SQLiteTxn(RosterTxn):
                 "SELECT coalesce(max(id), 0) FROM roster_changes"
             ).fetchone()[0]
 
-    def _forget_own_changes(self) -> None:
-        """Drop the change-log entries this transaction's writes made: we hold the write lock
-        (BEGIN IMMEDIATE), so every entry after the mark is ours, and ours are already pushed."""
+    def _stamp_own_changes(self) -> None:
+        """Stamp the change-log entries this transaction's writes made with our origin: we hold
+        the write lock (BEGIN IMMEDIATE), so every entry after the mark is ours."""
         if self._own_changes_after is not None:
-            self._execute("DELETE FROM roster_changes WHERE id > ?", (self._own_changes_after,))
+            self._execute(
+                "UPDATE roster_changes SET origin = ? WHERE id > ?",
+                (self._store.origin, self._own_changes_after),
+            )
 
     def rows(self) -> list[RosterRow]:
         cursor = self._execute(
@@ -347,6 +353,7 @@ class SQLiteStore(RosterStore):
         self.path = str(Path(path).absolute())
         self.busy_timeout_ms = busy_timeout_ms
         self.read_only = read_only
+        self.origin = DEFAULT_ORIGIN
         self._lock = threading.RLock()
         self._connection: sqlite3.Connection | None = None
         self._file_identity: tuple[int, int] | None = None
@@ -381,7 +388,7 @@ class SQLiteStore(RosterStore):
     # --- Outside changes --------------------------------------------------------------------
 
     def open_change_feed(self) -> ChangeFeed:
-        return SQLiteChangeFeed(self.path, busy_timeout_ms=self.busy_timeout_ms)
+        return SQLiteChangeFeed(self.path, origin=self.origin, busy_timeout_ms=self.busy_timeout_ms)
 
     def data_version(self) -> int:
         """SQLite's `PRAGMA data_version` for this store's connection.
@@ -418,7 +425,7 @@ class SQLiteStore(RosterStore):
                 self._rollback(connection)
                 raise
             try:
-                txn._forget_own_changes()
+                txn._stamp_own_changes()
                 with self._translated_errors():
                     connection.execute("COMMIT")
             except StoreError:
@@ -549,7 +556,8 @@ class SQLiteStore(RosterStore):
 
 
 class SQLiteChangeFeed(ChangeFeed):
-    """Changes other applications made to the SQLite file, read from `roster_changes`.
+    """Changes not made by this node's program processes, read from `roster_changes`: those of
+    other applications, and those of the program processes serving other ejabberd nodes.
 
     Polled: `PRAGMA data_version` on the feed's own connection moves whenever any other
     connection commits, so a poll that finds it unchanged costs one pragma and no query.
@@ -562,8 +570,9 @@ class SQLiteChangeFeed(ChangeFeed):
     PRUNE_EVERY = 3000  # polls (about ten minutes)
     BATCH = 5000
 
-    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: str, *, origin: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
+        self.origin = origin
         self._connection = sqlite3.connect(
             f"{Path(path).as_uri()}?mode=rw", uri=True, timeout=busy_timeout_ms / 1000,
             isolation_level=None, check_same_thread=False,
@@ -580,8 +589,8 @@ class SQLiteChangeFeed(ChangeFeed):
             if data_version == self._data_version:
                 return []
             records = self._connection.execute(
-                "SELECT id, user, contact, old_subscription, new_subscription FROM roster_changes "
-                "WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, user, contact, old_subscription, new_subscription, origin "
+                "FROM roster_changes WHERE id > ? ORDER BY id LIMIT ?",
                 (self._after, self.BATCH),
             ).fetchall()
             if len(records) < self.BATCH:  # else: more to read at the next poll
@@ -597,7 +606,11 @@ class SQLiteChangeFeed(ChangeFeed):
             return []
         if records:
             self._after = records[-1][0]
-        return [OutsideChange(user, contact, old, new) for _, user, contact, old, new in records]
+        return [
+            OutsideChange(user, contact, old, new)
+            for _, user, contact, old, new, origin in records
+            if origin != self.origin
+        ]
 
     def close(self) -> None:
         self._connection.close()

@@ -1,0 +1,671 @@
+"""The PostgreSQL adapter: every user's roster in one PostgreSQL database, shared by all program
+processes of all ejabberd nodes.
+
+Theory of operation
+-------------------
+Each program process opens its own `PostgresStore`, which holds a small psycopg_pool
+`ConnectionPool` (one connection is enough for a single-threaded process; a few more let threads
+share the store). Connections are in autocommit mode: every scope issues its own BEGIN and
+COMMIT, so an idle pooled connection never holds a transaction.
+
+- `transaction(user)` runs `BEGIN ISOLATION LEVEL READ COMMITTED`, then makes sure the user's row
+  exists in `roster_versions` (`INSERT ... ON CONFLICT DO NOTHING`) and locks it
+  (`SELECT ... FOR UPDATE`). That row lock serialises every read-modify-write on one user's
+  roster across processes and nodes, whichever of them comes first; users never wait for each
+  other. Once the lock is held, each READ COMMITTED statement sees everything committed before,
+  so nothing read inside the scope is stale. Waiting for the lock is bounded by `lock_timeout`;
+  waiting longer is `StoreUnavailable`.
+- `snapshot(user)` runs `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY`: one consistent view
+  for the whole scope (rows and version agree), no lock, never waits for a writer. Its
+  `RosterTxn` refuses writes, and so does the server.
+- Versions are kept by the database, not by this code: a trigger on `roster_items` bumps the
+  user's counter in `roster_versions` on every INSERT, UPDATE and DELETE (and every user's on a
+  TRUNCATE), so a write made by any other application in plain SQL moves the version too. The
+  counter row is never deleted, so a version never comes back, even after every row of the user
+  is gone. A user never written has no counter, or a counter of 0: version "0".
+- The same trigger runs `pg_notify('roster_port_changes', <username>)` (`NOTIFY_CHANNEL`), so a
+  process that LISTENs on the channel learns, at commit, whose roster changed, including changes
+  made outside XMPP; a TRUNCATE notifies an empty payload, meaning "anyone's". (Nothing listens
+  yet. A listener must use a connection of its own outside the pool, and treat the channel as a
+  hint: notifications sent while it was disconnected are lost, so after reconnecting it compares
+  versions.)
+- Rows are ordered by contact in code point order: `username` and `contact` are
+  `COLLATE "C"` (byte order of UTF-8, which is code point order), whatever the database's
+  locale, and the primary key (username, contact) returns a roster in that order.
+- The schema is created and upgraded by the numbered steps of `MIGRATIONS`, recorded in
+  `roster_port_migrations`. Pending steps are applied in one transaction holding an advisory
+  lock, so processes started together on a fresh database migrate it exactly once. Tables and
+  functions go to the connection's current schema (the first of its search_path that exists);
+  the trigger functions are pinned to it, so they work whatever search_path the application
+  writing the table has.
+
+Failures. A database that is down, restarting, refusing connections or unreachable gives
+`StoreUnavailable` within about `connect_timeout_s` (how long the pool waits for a connection,
+libpq's connect_timeout, and TCP's user timeout for unacknowledged data), and the same instance
+works again as soon as the database is back: a connection that died while idle in the pool is
+found out by the scope's BEGIN, before anything was done on it, and exchanged for another one
+(the pool discards broken connections and connects again on demand). A connection lost in the
+middle of a scope rolls it back on the server: nothing is half-written. (If the connection is
+lost during COMMIT itself, the transaction may or may not have committed, atomically either way;
+the scope raises `StoreUnavailable`.)
+
+What this module must never do
+------------------------------
+- Let a psycopg exception escape: every driver error becomes `StoreUnavailable` (cannot reach
+  the database, connection lost, lock or statement timeout, a server that cannot write now) or
+  `StoreError` (anything else).
+- Commit a scope that raised, or one whose transaction the server already aborted; or leave a
+  transaction open on a connection it returns to the pool.
+- Build SQL from data: every value is a bound parameter; identifiers go through `psycopg.sql`.
+- Show the password of the DSN (in `describe()`, logs or errors).
+- Write to stdout (it is the program's protocol channel); it only logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+
+from roster_port.store.base import (
+    SUBSCRIPTIONS,
+    RosterRow,
+    RosterStore,
+    RosterTxn,
+    StoreError,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# psycopg_pool logs every request for a connection at INFO: one line per roster request. Its
+# warnings (why a connection attempt failed) are what matters; keep those unless someone chose
+# a level for that logger explicitly.
+_pool_log = logging.getLogger("psycopg.pool")
+if _pool_log.level == logging.NOTSET:
+    _pool_log.setLevel(logging.WARNING)
+
+NOTIFY_CHANNEL = "roster_port_changes"
+
+# pg_advisory_xact_lock key held while migrating: "roster_p" in ASCII, as a (positive) bigint.
+MIGRATION_LOCK_KEY = int.from_bytes(b"roster_p", "big")
+
+# Session settings of every connection, besides the configured lock timeout.
+# A process that stops in the middle of a scope (a debugger, SIGSTOP) must not hold a user's
+# lock forever: the server ends such a session. Scopes last milliseconds.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+# Dead peers on an idle connection are found by TCP keepalives (unless the DSN says otherwise).
+KEEPALIVE_SETTINGS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 5,
+                      "keepalives_count": 3}
+
+_BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE"
+_BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+def dsn_without_password(dsn: str) -> str:
+    """`dsn` (a libpq connection string or URI) as keyword=value pairs, without the password."""
+    parameters = conninfo_to_dict(dsn)
+    parameters.pop("password", None)
+    return make_conninfo(**parameters)
+
+
+# --- Schema ---------------------------------------------------------------------------------
+#
+# Migrations are append-only: a released step is never edited, a schema change is a new step.
+# Each step runs inside the migrating transaction, given the connection and the schema the
+# tables go to.
+
+
+@dataclass(frozen=True)
+class Migration:
+    number: int
+    name: str
+    apply: Callable[[psycopg.Connection, sql.Identifier], None]
+
+
+MIGRATIONS: list[Migration] = []
+
+
+def _migration(number: int, name: str):
+    def register(apply: Callable[[psycopg.Connection, sql.Identifier], None]):
+        assert number == len(MIGRATIONS) + 1, "migrations are numbered 1, 2, 3... in order"
+        MIGRATIONS.append(Migration(number, name, apply))
+        return apply
+
+    return register
+
+
+_SUBSCRIPTION_LIST = sql.SQL(", ").join(sql.Literal(state) for state in SUBSCRIPTIONS)
+
+
+@_migration(1, "roster_items")
+def _create_roster_items(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    # The CHECKs keep other applications writing this table in plain SQL from storing rows that
+    # the program could not read back. Groups are an array in the row: no join to read them.
+    connection.execute(sql.SQL("""
+        CREATE TABLE roster_items (
+            username text COLLATE "C" NOT NULL,
+            contact text COLLATE "C" NOT NULL,
+            name text NOT NULL DEFAULT '',
+            subscription text NOT NULL DEFAULT 'none'
+                CONSTRAINT roster_items_subscription_is_known
+                CHECK (subscription IN ({subscriptions})),
+            pending_out boolean NOT NULL DEFAULT false,
+            pending_in boolean NOT NULL DEFAULT false,
+            approved boolean NOT NULL DEFAULT false,
+            in_roster boolean NOT NULL DEFAULT true,
+            groups text[] NOT NULL DEFAULT '{{}}'
+                CONSTRAINT roster_items_groups_is_a_list_of_text
+                CHECK (cardinality(groups) = 0
+                       OR (array_ndims(groups) = 1 AND array_position(groups, NULL) IS NULL)),
+            request_text text NOT NULL DEFAULT '',
+            PRIMARY KEY (username, contact)
+        )
+    """).format(subscriptions=_SUBSCRIPTION_LIST))
+
+
+@_migration(2, "roster_versions")
+def _create_roster_versions(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    connection.execute("""
+        CREATE TABLE roster_versions (
+            username text COLLATE "C" PRIMARY KEY,
+            counter bigint NOT NULL DEFAULT 0 CHECK (counter >= 0)
+        )
+    """)
+
+
+@_migration(3, "version_triggers")
+def _create_version_triggers(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    # `SET search_path`: the functions run with the privileges and search_path of whoever writes
+    # roster_items; pinned to our schema, they find roster_versions from any application.
+    connection.execute(sql.SQL("""
+        CREATE FUNCTION roster_port_bump_version(changed_user text) RETURNS void
+        LANGUAGE plpgsql SET search_path = {schema} AS $$
+        BEGIN
+            -- An upsert, so the first write of a user creates the counter row.
+            INSERT INTO roster_versions AS versions (username, counter) VALUES (changed_user, 1)
+            ON CONFLICT (username) DO UPDATE SET counter = versions.counter + 1;
+            -- Sent at commit, once per user and transaction (the server folds duplicates).
+            PERFORM pg_notify({channel}, changed_user);
+        END
+        $$
+    """).format(schema=schema, channel=sql.Literal(NOTIFY_CHANNEL)))
+    connection.execute(sql.SQL("""
+        CREATE FUNCTION roster_items_bump_versions() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = {schema} AS $$
+        BEGIN
+            IF TG_OP IN ('UPDATE', 'DELETE') THEN
+                PERFORM roster_port_bump_version(OLD.username);
+            END IF;
+            -- An UPDATE that moves a row to another user changes that user's roster too.
+            IF TG_OP = 'INSERT'
+               OR (TG_OP = 'UPDATE' AND NEW.username IS DISTINCT FROM OLD.username) THEN
+                PERFORM roster_port_bump_version(NEW.username);
+            END IF;
+            RETURN NULL;
+        END
+        $$
+    """).format(schema=schema))
+    connection.execute("""
+        CREATE TRIGGER roster_items_bump_versions
+        AFTER INSERT OR UPDATE OR DELETE ON roster_items
+        FOR EACH ROW EXECUTE FUNCTION roster_items_bump_versions()
+    """)
+    # TRUNCATE fires no row trigger: every user's version moves (those without rows too, which
+    # is harmless: a version only has to change, never to stay).
+    connection.execute(sql.SQL("""
+        CREATE FUNCTION roster_items_truncated() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = {schema} AS $$
+        BEGIN
+            UPDATE roster_versions SET counter = counter + 1;
+            PERFORM pg_notify({channel}, '');
+            RETURN NULL;
+        END
+        $$
+    """).format(schema=schema, channel=sql.Literal(NOTIFY_CHANNEL)))
+    connection.execute("""
+        CREATE TRIGGER roster_items_truncated
+        AFTER TRUNCATE ON roster_items
+        FOR EACH STATEMENT EXECUTE FUNCTION roster_items_truncated()
+    """)
+
+
+# --- Errors ---------------------------------------------------------------------------------
+
+# Besides OperationalError (connection failures, lock and statement timeouts, shutdowns): the
+# server cannot take writes right now (a standby, e.g. the old primary after a failover).
+_UNAVAILABLE_SQLSTATES = frozenset({"25006"})  # read_only_sql_transaction
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --- Rows -----------------------------------------------------------------------------------
+
+_SELECT_COLUMNS = sql.SQL(
+    "contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, "
+    "request_text"
+)
+
+
+def _row_from_record(record: tuple) -> RosterRow:
+    contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text = record
+    return RosterRow(
+        contact=contact,
+        name=name,
+        subscription=subscription,
+        pending_out=pending_out,
+        pending_in=pending_in,
+        approved=approved,
+        in_roster=in_roster,
+        groups=tuple(groups),
+        request_text=text,
+    )
+
+
+class _PostgresTxn(RosterTxn):
+    """One user's roster inside one open transaction on one pooled connection."""
+
+    def __init__(self, store: "PostgresStore", connection: psycopg.Connection, user: str,
+                 refuse_writes_because: str | None) -> None:
+        self.user = user
+        self._store = store
+        self._connection = connection
+        self._refuse_writes_because = refuse_writes_because
+        self._open = True
+
+    def _execute(self, query: sql.Composable | str, parameters: tuple = ()) -> psycopg.Cursor:
+        if not self._open:
+            raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
+        with self._store._translated_errors(self._connection):
+            return self._connection.execute(query, parameters)
+
+    def _check_writable(self, operation: str) -> None:
+        if self._refuse_writes_because is not None:
+            raise StoreError(f"{operation} refused: {self._refuse_writes_because}")
+
+    def rows(self) -> list[RosterRow]:
+        cursor = self._execute(
+            sql.SQL('SELECT {} FROM roster_items WHERE username = %s ORDER BY contact COLLATE "C"')
+            .format(_SELECT_COLUMNS),
+            (self.user,),
+        )
+        return [_row_from_record(record) for record in cursor]
+
+    def get(self, contact: str) -> RosterRow | None:
+        record = self._execute(
+            sql.SQL("SELECT {} FROM roster_items WHERE username = %s AND contact = %s")
+            .format(_SELECT_COLUMNS),
+            (self.user, contact),
+        ).fetchone()
+        return None if record is None else _row_from_record(record)
+
+    def put(self, row: RosterRow) -> None:
+        self._check_writable("put")
+        # An upsert: one UPDATE of an existing row (one version bump), never delete + insert.
+        self._execute(
+            """
+            INSERT INTO roster_items AS items (username, contact, name, subscription,
+                                               pending_out, pending_in, approved, in_roster,
+                                               groups, request_text)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s)
+            ON CONFLICT (username, contact) DO UPDATE SET
+                name = excluded.name,
+                subscription = excluded.subscription,
+                pending_out = excluded.pending_out,
+                pending_in = excluded.pending_in,
+                approved = excluded.approved,
+                in_roster = excluded.in_roster,
+                groups = excluded.groups,
+                request_text = excluded.request_text
+            """,
+            (
+                self.user,
+                row.contact,
+                row.name,
+                row.subscription,
+                row.pending_out,
+                row.pending_in,
+                row.approved,
+                row.in_roster,
+                list(row.groups),
+                row.request_text,
+            ),
+        )
+
+    def delete(self, contact: str) -> None:
+        self._check_writable("delete")
+        self._execute("DELETE FROM roster_items WHERE username = %s AND contact = %s",
+                      (self.user, contact))
+
+    def delete_all(self) -> None:
+        self._check_writable("delete_all")
+        self._execute("DELETE FROM roster_items WHERE username = %s", (self.user,))
+
+    def count(self) -> int:
+        return self._execute(
+            "SELECT count(*) FROM roster_items WHERE username = %s", (self.user,)
+        ).fetchone()[0]
+
+    def version(self) -> str:
+        record = self._execute(
+            "SELECT counter FROM roster_versions WHERE username = %s", (self.user,)
+        ).fetchone()
+        return "0" if record is None else str(record[0])
+
+
+class PostgresStore(RosterStore):
+    """Rosters in one PostgreSQL database, through a small pool of connections per instance.
+
+    `dsn` is a libpq connection string or URI. `connect_timeout_s` bounds how long an operation
+    waits for the server before `StoreUnavailable`; `lock_timeout_ms` how long a transaction
+    waits for another one holding the same user's lock. Keep their sum under the shim's
+    call_timeout. Threads may share an instance; a scope opened inside another one in the same
+    thread is an error, as with every adapter.
+    """
+
+    def __init__(self, dsn: str, *, pool_min: int = 1, pool_max: int = 4,
+                 connect_timeout_s: float = 2.0, lock_timeout_ms: int = 2000,
+                 read_only: bool = False) -> None:
+        if not 1 <= pool_min <= pool_max:
+            raise ValueError(f"need 1 <= pool_min <= pool_max, not {pool_min} and {pool_max}")
+        if not connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s must be > 0, not {connect_timeout_s}")
+        if lock_timeout_ms <= 0:  # 0 would mean "wait forever" to PostgreSQL
+            raise ValueError(f"lock_timeout_ms must be > 0, not {lock_timeout_ms}")
+        try:
+            dsn_parameters = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(f"not a PostgreSQL connection string: {_one_line(exc)}") from None
+        self.pool_min, self.pool_max = pool_min, pool_max
+        self.connect_timeout_s = connect_timeout_s
+        self.lock_timeout_ms = lock_timeout_ms
+        self.read_only = read_only
+        self.dsn_shown = dsn_without_password(dsn)
+        self._closed = False
+        self._scopes_in_thread = threading.local()
+        self._pool = psycopg_pool.ConnectionPool(
+            dsn,
+            open=False,
+            min_size=pool_min,
+            max_size=pool_max,
+            kwargs=self._connection_options(dsn_parameters),
+            configure=self._configure_connection,
+            # How long a request waits for a connection. While the server is down, that is how
+            # long an operation takes to give StoreUnavailable.
+            timeout=connect_timeout_s,
+            # No background retries with growing back-off (1 s, 2 s, 4 s...): that would keep
+            # the store unavailable for up to the last delay after the server is back. A failed
+            # connection attempt is given up at once, and the next request tries again.
+            reconnect_timeout=0,
+            num_workers=1,  # a single-threaded process needs no parallel connection attempts
+            name=f"roster-port {dsn_parameters.get('dbname', '')}".rstrip(),
+        )
+        try:
+            with self._translated_errors(None):
+                self._pool.open(wait=True, timeout=connect_timeout_s)
+            self._prepare_database()
+        except BaseException:
+            self._pool.close()
+            raise
+        log.info("opened %s", self.describe())
+
+    # --- RosterStore ------------------------------------------------------------------------
+
+    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        if self.read_only:
+            return self._scope(user, _BEGIN_SNAPSHOT, lock_user=False,
+                               refuse_writes_because="the store is opened read-only")
+        return self._scope(user, _BEGIN_WRITE, lock_user=True, refuse_writes_because=None)
+
+    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        return self._scope(user, _BEGIN_SNAPSHOT, lock_user=False,
+                           refuse_writes_because="a snapshot is read-only; use transaction()")
+
+    def describe(self) -> str:
+        access = "read-only" if self.read_only else "read-write"
+        return (
+            f"PostgreSQL database {self.dsn_shown} (pool of {self.pool_min} to {self.pool_max} "
+            f"connections, connect timeout {self.connect_timeout_s:g} s, "
+            f"lock timeout {self.lock_timeout_ms} ms, {access})"
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close(timeout=self.connect_timeout_s + 1)
+
+    # --- Scopes -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _scope(self, user: str, begin: str, *, lock_user: bool,
+               refuse_writes_because: str | None) -> Iterator[RosterTxn]:
+        if self._closed:
+            raise StoreError(f"the store on {self.dsn_shown} is closed")
+        if getattr(self._scopes_in_thread, "open", False):
+            # Another connection would serve it, but a transaction on the same user would wait
+            # for its own lock; no adapter nests scopes.
+            raise StoreError("a transaction is already open on this store (no nesting)")
+        self._scopes_in_thread.open = True
+        try:
+            connection = self._begin(begin, user, lock_user)
+            txn = _PostgresTxn(self, connection, user, refuse_writes_because)
+            try:
+                yield txn
+            except BaseException:
+                txn._open = False
+                self._rollback(connection)
+                raise
+            txn._open = False
+            self._commit(connection)
+        finally:
+            self._scopes_in_thread.open = False
+
+    def _begin(self, begin: str, user: str, lock_user: bool) -> psycopg.Connection:
+        """A connection from the pool with the scope's transaction begun (and `user` locked).
+
+        The caller gives the connection back through `_commit` or `_rollback`.
+        """
+        # A pooled connection may have died while idle (server restarted, session terminated);
+        # BEGIN finds it out before anything was done on it, so another connection can safely
+        # take over. The pool discards each broken one, so after at most pool_max of them it
+        # connects afresh (or times out: the server is down).
+        for attempt in itertools.count(1):
+            with self._translated_errors(None):
+                connection = self._pool.getconn()
+            try:
+                connection.execute(begin)
+            except psycopg.Error as exc:
+                self._pool.putconn(connection)
+                if connection.broken and attempt <= self.pool_max:
+                    log.info("a pooled connection to %s was lost while idle (%s); "
+                             "taking another", self.dsn_shown, _one_line(exc))
+                    continue
+                raise self._store_error(exc, connection) from exc
+            except BaseException:
+                self._pool.putconn(connection)
+                raise
+            break
+        if lock_user:
+            try:
+                with self._translated_errors(connection):
+                    # The counter row is created if missing (counter 0: version "0") so that
+                    # there is a row to lock even for a user never written.
+                    connection.execute(
+                        "INSERT INTO roster_versions (username) VALUES (%s) "
+                        "ON CONFLICT (username) DO NOTHING", (user,))
+                    connection.execute(
+                        "SELECT 1 FROM roster_versions WHERE username = %s FOR UPDATE", (user,))
+            except BaseException:
+                self._rollback(connection)
+                raise
+        return connection
+
+    def _commit(self, connection: psycopg.Connection) -> None:
+        # On a transaction the server aborted (a statement failed and the caller went on),
+        # COMMIT would answer ROLLBACK without an error: never report that as a success.
+        if connection.info.transaction_status == TransactionStatus.INERROR:
+            self._rollback(connection)
+            raise StoreError("a statement of the transaction failed, so it was rolled back; "
+                             "nothing was written")
+        try:
+            with self._translated_errors(connection):
+                connection.execute("COMMIT")
+        finally:
+            self._give_back(connection)
+
+    def _rollback(self, connection: psycopg.Connection) -> None:
+        # Never mask the error being raised: if the rollback fails, the connection is closed,
+        # which rolls back on the server as well, and the pool replaces it.
+        try:
+            if connection.info.transaction_status in (TransactionStatus.INTRANS,
+                                                      TransactionStatus.INERROR):
+                connection.execute("ROLLBACK")
+        except psycopg.Error as exc:
+            log.warning("rollback failed on %s: %s; dropping the connection", self.dsn_shown,
+                        _one_line(exc))
+            connection.close()
+        finally:
+            self._give_back(connection)
+
+    def _give_back(self, connection: psycopg.Connection) -> None:
+        if connection.info.transaction_status not in (TransactionStatus.IDLE,
+                                                      TransactionStatus.UNKNOWN):
+            # Not supposed to happen; the pool would roll back itself, but say so.
+            log.warning("a connection to %s came back in a transaction; dropping it",
+                        self.dsn_shown)
+            connection.close()
+        self._pool.putconn(connection)  # a closed or broken connection is discarded
+
+    # --- Errors -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translated_errors(self, connection: psycopg.Connection | None) -> Iterator[None]:
+        """Turn psycopg errors into StoreUnavailable / StoreError (keeping the cause)."""
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise self._store_error(exc, connection) from exc
+
+    def _store_error(self, exc: psycopg.Error, connection: psycopg.Connection | None
+                     ) -> StoreError:
+        if isinstance(exc, psycopg_pool.PoolTimeout):
+            detail = (f"PostgreSQL {self.dsn_shown}: no connection within "
+                      f"{self.connect_timeout_s:g} s (the server is down, unreachable or "
+                      "refusing connections; the psycopg.pool warnings in the log say why)")
+        else:
+            sqlstate = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+            detail = f"PostgreSQL {self.dsn_shown}: {type(exc).__name__}{sqlstate}: {_one_line(exc)}"
+        lost = connection is not None and (connection.broken or connection.closed)
+        if (isinstance(exc, psycopg.OperationalError) or lost
+                or exc.sqlstate in _UNAVAILABLE_SQLSTATES):
+            if exc.sqlstate in _UNAVAILABLE_SQLSTATES and connection is not None:
+                connection.close()  # connect again, maybe to the new primary (see libpq's
+                #                     target_session_attrs)
+            log.warning("PostgreSQL database unavailable: %s", detail)
+            return StoreUnavailable(detail)
+        return StoreError(detail)
+
+    # --- Connections and schema -------------------------------------------------------------
+
+    def _connection_options(self, dsn_parameters: dict) -> dict:
+        """libpq options of every connection, added to (or, for ours, replacing) the DSN's."""
+        options: dict = {
+            "autocommit": True,  # scopes issue BEGIN and COMMIT themselves
+            "client_encoding": "UTF8",
+            # libpq counts whole seconds (and 2 at least).
+            "connect_timeout": max(2, math.ceil(self.connect_timeout_s)),
+        }
+        defaults = {
+            "application_name": "roster-port",
+            # Data sent and not acknowledged for that long: the peer is gone (Linux).
+            "tcp_user_timeout": math.ceil(self.connect_timeout_s * 1000),
+            **KEEPALIVE_SETTINGS,
+        }
+        options.update({key: value for key, value in defaults.items()
+                        if key not in dsn_parameters})
+        return options
+
+    def _configure_connection(self, connection: psycopg.Connection) -> None:
+        """Session settings of each new connection (runs in autocommit: leaves no transaction)."""
+        connection.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('idle_in_transaction_session_timeout', %s, false)",
+            (f"{self.lock_timeout_ms}ms", f"{IDLE_IN_TRANSACTION_TIMEOUT_MS}ms"),
+        )
+
+    def _prepare_database(self) -> None:
+        with self._translated_errors(None):
+            connection = self._pool.getconn()
+        try:
+            with self._translated_errors(connection):
+                encoding = connection.execute("SHOW server_encoding").fetchone()[0]
+                if encoding != "UTF8":
+                    raise StoreError(
+                        f"the PostgreSQL database {self.dsn_shown} is encoded in {encoding}; "
+                        "rosters need UTF8 (CREATE DATABASE ... ENCODING 'UTF8')")
+                self._migrate(connection)
+        finally:
+            self._give_back(connection)
+
+    def _migrate(self, connection: psycopg.Connection) -> None:
+        pending = self._pending_migrations(connection)
+        if not pending:  # the usual case: no lock, no DDL
+            return
+        if self.read_only:
+            raise StoreError(
+                f"the schema of {self.dsn_shown} is not current (missing "
+                f"{', '.join(migration.name for migration in pending)}); "
+                "open it read-write once to migrate it")
+        schema_name = connection.execute("SELECT current_schema()").fetchone()[0]
+        if schema_name is None:
+            raise StoreError(f"no schema of the search_path of {self.dsn_shown} exists to "
+                             "create the tables in")
+        schema = sql.Identifier(schema_name)
+        with connection.transaction():
+            # One lock around "what is pending" and "apply it": processes started together on
+            # a fresh database wait for each other, and only the first one migrates.
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            connection.execute("""
+                CREATE TABLE IF NOT EXISTS roster_port_migrations (
+                    number integer PRIMARY KEY,
+                    name text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )
+            """)
+            applied_now = []
+            for migration in self._pending_migrations(connection):
+                migration.apply(connection, schema)
+                connection.execute(
+                    "INSERT INTO roster_port_migrations (number, name) VALUES (%s, %s)",
+                    (migration.number, migration.name))
+                applied_now.append(migration.name)
+        if applied_now:
+            log.info("migrated %s (schema %s): applied %s", self.dsn_shown, schema_name,
+                     ", ".join(applied_now))
+
+    @staticmethod
+    def _pending_migrations(connection: psycopg.Connection) -> list[Migration]:
+        exists = connection.execute(
+            "SELECT to_regclass('roster_port_migrations') IS NOT NULL").fetchone()[0]
+        applied = set()
+        if exists:
+            applied = {number for (number,) in connection.execute(
+                "SELECT number FROM roster_port_migrations")}
+        newer = applied - {migration.number for migration in MIGRATIONS}
+        if newer:
+            log.warning("the database has migrations this version does not know: %s "
+                        "(a newer roster-port migrated it)", sorted(newer))
+        return [migration for migration in MIGRATIONS if migration.number not in applied]
