@@ -39,6 +39,7 @@ What this module must never do
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -220,18 +221,24 @@ _SELECT_COLUMNS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
+def _groups_from_json(text: str) -> tuple[str, ...]:
+    # Cached: a site has few distinct group lists, and parsing JSON is most of reading a row.
+    return tuple(json.loads(text))
+
+
 def _row_from_record(record: tuple) -> RosterRow:
     contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text = record
     return RosterRow(
-        contact=contact,
-        name=name,
-        subscription=subscription,
-        pending_out=bool(pending_out),
-        pending_in=bool(pending_in),
-        approved=bool(approved),
-        in_roster=bool(in_roster),
-        groups=tuple(json.loads(groups)),
-        request_text=text,
+        contact,
+        name,
+        subscription,
+        bool(pending_out),
+        bool(pending_in),
+        bool(approved),
+        bool(in_roster),
+        _groups_from_json(groups),
+        text,
     )
 
 
