@@ -1,0 +1,666 @@
+%%% @doc mod_roster_port: ejabberd's rosters served by an external program.
+%%%
+%%% Theory of operation. The program (`roster-port serve`) owns all roster
+%%% logic and storage; this module owns none. It
+%%%   1. starts a pool of program processes for the host (roster_port_pool),
+%%%   2. takes over mod_roster's data hooks and its jabber:iq:roster handler,
+%%%      so that each hook reaches the program exactly once, and gives them
+%%%      back to mod_roster when it stops,
+%%%   3. serves as mod_roster's storage backend (`db_type: port` makes
+%%%      mod_roster call this module), so ejabberdctl roster commands and
+%%%      XEP-0227 import/export also reach the program (`store_*` ops),
+%%%   4. carries out the effects the program answers with (roster pushes,
+%%%      presences), in order, before it answers the hook when it can.
+%%% When the program cannot answer, every hook gets the safe answer of
+%%% docs/protocol.md; nothing here may crash or stall ejabberd because of it.
+%%%
+%%% Why mod_roster stays loaded: ejabberd_c2s reads mod_roster's `access`
+%%% option for every outgoing subscription presence, and other modules call
+%%% mod_roster functions directly; those calls end up in the backend below.
+%%%
+%%% Outgoing subscription presences are forwarded from user_send_packet, not
+%%% roster_out_subscription: ejabberd_c2s routes the presence to the contact
+%%% whatever roster_out_subscription says, and a pre-approval (RFC 6121 3.4)
+%%% must not reach the contact. roster_out_subscription still forwards a
+%%% presence that did not come through user_send_packet.
+-module(mod_roster_port).
+-behaviour(gen_mod).
+-behaviour(mod_roster).
+
+%% gen_mod
+-export([start/2, stop/1, reload/3, depends/2, mod_opt_type/1, mod_options/1,
+         mod_doc/0]).
+%% mod_roster storage backend (db_type: port)
+-export([init/2, import/3, read_roster_version/2, write_roster_version/4,
+         get_roster/2, get_roster_item/3, read_subscription_and_groups/3,
+         roster_subscribe/4, transaction/2, remove_user/2, update_roster/4,
+         del_roster/3, use_cache/2]).
+%% hooks and the IQ handler
+-export([roster_get/2, in_subscription/2, out_subscription/1, user_send_packet/1,
+         get_jid_info/4, remove_user_hook/2, c2s_self_presence/1,
+         post_auth_features/2, process_iq/1]).
+%% effects without a caller (called by the pool's runner)
+-export([handle_async/2]).
+
+-include("logger.hrl").
+-include("xmpp.hrl").
+-include("mod_roster.hrl").
+-include("translate.hrl").
+
+-define(NS_PRE_APPROVAL, <<"urn:xmpp:features:pre-approval">>).
+-define(FORWARDED, roster_port_forwarded).
+
+%% mod_roster's handlers that we replace: {Hook, mod_roster's function, ours}.
+-define(TAKEN_OVER,
+        [{roster_get, get_user_roster_items, roster_get},
+         {roster_in_subscription, in_subscription, in_subscription},
+         {roster_out_subscription, out_subscription, out_subscription},
+         {roster_get_jid_info, get_jid_info, get_jid_info},
+         {remove_user, remove_user, remove_user_hook},
+         {c2s_self_presence, c2s_self_presence, c2s_self_presence},
+         {c2s_post_auth_features, get_versioning_feature, post_auth_features}]).
+%% All at mod_roster's sequence. On roster_in_subscription, mod_pubsub's
+%% handler sits at 50 too and always answers true; handlers of one sequence
+%% run sorted by module name, and mod_roster_port sorts after mod_pubsub,
+%% so our answer is the one ejabberd_sm sees.
+-define(SEQ, 50).
+%% Late on user_send_packet so that modules which drop a packet run first.
+-define(SEND_SEQ, 90).
+
+%%%===================================================================
+%%% gen_mod
+%%%===================================================================
+
+start(Host, Opts) ->
+    PoolOpts = #{command => command(gen_mod:get_opt(command, Opts)),
+                 pool_size => gen_mod:get_opt(pool_size, Opts),
+                 call_timeout => gen_mod:get_opt(call_timeout, Opts),
+                 max_frame_bytes => gen_mod:get_opt(max_frame_bytes, Opts),
+                 transcript => gen_mod:get_opt(transcript, Opts),
+                 handler => {?MODULE, handle_async, [Host]}},
+    Spec = #{id => pool_proc(Host),
+             start => {roster_port_pool, start, [Host, PoolOpts]},
+             restart => transient,
+             shutdown => infinity,
+             type => supervisor},
+    case supervisor:start_child(ejabberd_gen_mod_sup, Spec) of
+        {ok, _} ->
+            take_over(Host),
+            ok;
+        {error, Reason} ->
+            roster_port_pool:stop(Host),
+            {error, Reason}
+    end.
+
+stop(Host) ->
+    give_back(Host),
+    roster_port_pool:stop(Host),
+    gen_mod:stop_child(pool_proc(Host)),
+    ok.
+
+reload(Host, NewOpts, _OldOpts) ->
+    %% The pool's settings are fixed at start; a reload restarts it.
+    stop(Host),
+    start(Host, NewOpts).
+
+depends(_Host, _Opts) ->
+    [{mod_roster, hard}].
+
+pool_proc(Host) ->
+    gen_mod:get_module_proc(Host, roster_port_pool).
+
+command(Command) when is_binary(Command) ->
+    [binary_to_list(Part) || Part <- binary:split(Command, [<<" ">>, <<"\t">>],
+                                                   [global, trim_all])];
+command(Parts) when is_list(Parts) ->
+    [binary_to_list(P) || P <- Parts].
+
+take_over(Host) ->
+    lists:foreach(
+      fun({Hook, Theirs, Ours}) ->
+              ejabberd_hooks:delete(Hook, Host, mod_roster, Theirs, ?SEQ),
+              ejabberd_hooks:add(Hook, Host, ?MODULE, Ours, ?SEQ)
+      end, ?TAKEN_OVER),
+    ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_SEQ),
+    gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_ROSTER, ?MODULE, process_iq).
+
+give_back(Host) ->
+    ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_SEQ),
+    ModRosterLoaded = gen_mod:is_loaded(Host, mod_roster),
+    lists:foreach(
+      fun({Hook, Theirs, Ours}) ->
+              ejabberd_hooks:delete(Hook, Host, ?MODULE, Ours, ?SEQ),
+              ModRosterLoaded andalso
+                  ejabberd_hooks:add(Hook, Host, mod_roster, Theirs, ?SEQ)
+      end, ?TAKEN_OVER),
+    case ModRosterLoaded of
+        true ->
+            gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_ROSTER,
+                                          mod_roster, process_iq);
+        false ->
+            gen_iq_handler:remove_iq_handler(ejabberd_sm, Host, ?NS_ROSTER)
+    end.
+
+mod_opt_type(command) ->
+    econf:either(econf:binary(), econf:list(econf:binary()));
+mod_opt_type(pool_size) ->
+    econf:pos_int();
+mod_opt_type(call_timeout) ->
+    econf:timeout(millisecond);
+mod_opt_type(max_frame_bytes) ->
+    econf:pos_int();
+mod_opt_type(transcript) ->
+    econf:either(econf:enum([undefined]), econf:binary()).
+
+mod_options(_Host) ->
+    [{command, <<"roster-port serve">>},
+     {pool_size, erlang:system_info(schedulers_online)},
+     {call_timeout, 5000},
+     {max_frame_bytes, 8 * 1024 * 1024},
+     {transcript, undefined}].
+
+mod_doc() ->
+    #{desc =>
+          ?T("Serves rosters from an external program (roster-port) over "
+             "ports. Needs mod_roster with 'db_type: port'."),
+      opts =>
+          [{command,
+            #{value => ?T("Command"),
+              desc => ?T("The program and its arguments, split on spaces, "
+                         "or a list of strings.")}},
+           {pool_size,
+            #{value => ?T("Size"),
+              desc => ?T("How many program processes. Default: number of "
+                         "schedulers.")}},
+           {call_timeout,
+            #{value => "timeout()",
+              desc => ?T("Deadline of one request. Default: 5 seconds.")}},
+           {max_frame_bytes,
+            #{value => ?T("Bytes"),
+              desc => ?T("Largest frame sent or accepted. Default: 8 MiB.")}},
+           {transcript,
+            #{value => ?T("Path"),
+              desc => ?T("Append every frame exchanged to this file (msgpack). "
+                         "Default: none.")}}]}.
+
+%%%===================================================================
+%%% Hooks
+%%%===================================================================
+
+roster_get(Acc, {LUser, LServer}) ->
+    case call(LServer, LUser, <<"roster_get">>, #{}) of
+        {ok, #{<<"items">> := Items}} ->
+            [wire_to_roster_item(I) || I <- Items] ++ Acc;
+        _ ->
+            Acc
+    end.
+
+in_subscription(_Acc, #presence{from = From, to = To, type = Type} = Pres) ->
+    #jid{luser = LUser, lserver = LServer} = To,
+    Args = #{<<"contact">> => bare(From),
+             <<"type">> => atom_to_binary(Type),
+             <<"status">> => status(Pres)},
+    case call(LServer, LUser, <<"in_subscription">>, Args, #{keep => true}) of
+        {ok, #{<<"deliver">> := Deliver}} -> Deliver == true;
+        _ -> false
+    end.
+
+%% Outgoing subscription presences, before ejabberd_c2s routes them.
+user_send_packet({#presence{type = Type, to = #jid{} = To} = Pres,
+                  #{jid := #jid{luser = LUser, lserver = LServer} = JID} = State})
+  when Type == subscribe; Type == subscribed;
+       Type == unsubscribe; Type == unsubscribed ->
+    Own = {To#jid.luser, To#jid.lserver, To#jid.lresource} == {LUser, LServer, <<>>},
+    Access = mod_roster_opt:access(LServer),
+    Allowed = acl:match_rule(LServer, Access, jid:remove_resource(JID)) == allow,
+    if Own; not Allowed ->
+            %% A presence to oneself is no subscription; a denied one gets
+            %% its error from ejabberd_c2s.
+            {Pres, State};
+       true ->
+            case forward_out_subscription(LServer, LUser, Pres#presence{from = JID}) of
+                false -> {drop, State};
+                true -> {xmpp:put_meta(Pres, ?FORWARDED, true), State}
+            end
+    end;
+user_send_packet(Acc) ->
+    Acc.
+
+out_subscription(#presence{from = #jid{luser = LUser, lserver = LServer}} = Pres) ->
+    case xmpp:get_meta(Pres, ?FORWARDED, false) of
+        true -> ok;
+        false -> _ = forward_out_subscription(LServer, LUser, Pres), ok
+    end.
+
+%% Returns whether the presence must still be routed to the contact.
+forward_out_subscription(LServer, LUser, #presence{to = To, type = Type} = Pres) ->
+    Args = #{<<"contact">> => bare(To),
+             <<"type">> => atom_to_binary(Type),
+             <<"status">> => status(Pres)},
+    case call(LServer, LUser, <<"out_subscription">>, Args, #{keep => true}) of
+        {ok, #{<<"route">> := false}} -> false;
+        _ -> true
+    end.
+
+get_jid_info(_Acc, User, Server, JID) ->
+    LUser = jid:nodeprep(User),
+    LServer = jid:nameprep(Server),
+    Contact = case JID of
+                  #jid{} -> bare(JID);
+                  {_, _, _} -> bare(jid:make(JID))
+              end,
+    case call(LServer, LUser, <<"jid_info">>, #{<<"contact">> => Contact}) of
+        {ok, #{<<"subscription">> := Sub, <<"ask">> := Ask} = R} ->
+            {subscription(Sub), pending(Ask), maps:get(<<"groups">>, R, [])};
+        _ ->
+            {none, none, []}
+    end.
+
+remove_user_hook(User, Server) ->
+    LUser = jid:nodeprep(User),
+    LServer = jid:nameprep(Server),
+    case call(LServer, LUser, <<"remove_user">>, #{}) of
+        {ok, _} -> ok;
+        Error ->
+            ?ERROR_MSG("roster-port: the roster of removed user ~ts@~ts was not "
+                       "removed: ~p", [LUser, LServer, Error])
+    end.
+
+%% On the first available presence (priority >= 0) of a session, re-send the
+%% stored inbound subscription requests to that session.
+c2s_self_presence({_, #{pres_last := _}} = Acc) ->
+    Acc;
+c2s_self_presence({#presence{type = available, priority = Prio} = Pres,
+                   #{jid := #jid{luser = LUser, lserver = LServer} = JID} = State})
+  when Prio == undefined; Prio >= 0 ->
+    case call(LServer, LUser, <<"pending_in">>, #{}) of
+        {ok, #{<<"requests">> := Requests}} ->
+            BareJID = jid:remove_resource(JID),
+            State1 = lists:foldl(
+                       fun(#{<<"from">> := From} = R, S) ->
+                               Sub = #presence{from = jid:decode(From), to = BareJID,
+                                               type = subscribe,
+                                               status = text(maps:get(<<"status">>, R, nil))},
+                               ejabberd_c2s:send(S, Sub)
+                       end, State, Requests),
+            {Pres, State1};
+        _ ->
+            {Pres, State}
+    end;
+c2s_self_presence(Acc) ->
+    Acc.
+
+post_auth_features(Acc, Host) ->
+    Caps = roster_port_pool:capabilities(Host),
+    Acc1 = case maps:get(<<"versioning">>, Caps, false) of
+               true -> [#rosterver_feature{} | Acc];
+               _ -> Acc
+           end,
+    case maps:get(<<"pre_approval">>, Caps, false) of
+        true -> [#xmlel{name = <<"sub">>, attrs = [{<<"xmlns">>, ?NS_PRE_APPROVAL}]} | Acc1];
+        _ -> Acc1
+    end.
+
+%%%===================================================================
+%%% The roster IQ
+%%%===================================================================
+
+process_iq(#iq{from = From, to = To, lang = Lang} = IQ) ->
+    SameUser = From#jid.luser == To#jid.luser andalso From#jid.lserver == To#jid.lserver,
+    case SameUser orelse
+        ejabberd_hooks:run_fold(roster_remote_access, To#jid.lserver, false, [IQ]) of
+        true ->
+            process_roster_iq(IQ);
+        false ->
+            xmpp:make_error(IQ, xmpp:err_forbidden(
+                                  ?T("Query to another users is forbidden"), Lang))
+    end.
+
+process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
+                      sub_els = [#roster_query{items = Items, ver = Ver}]} = IQ) ->
+    #jid{luser = LUser, lserver = LServer} = To,
+    Access = case Type of
+                 set ->
+                     Rule = mod_roster_opt:access(LServer),
+                     acl:match_rule(LServer, Rule, jid:remove_resource(From));
+                 get ->
+                     allow
+             end,
+    Args = #{<<"requester">> => bare(From),
+             <<"type">> => atom_to_binary(Type),
+             <<"items">> => [client_item(I) || I <- Items],
+             <<"ver">> => nil_if_undefined(Ver),
+             <<"access">> => atom_to_binary(Access)},
+    case call(LServer, LUser, <<"roster_iq">>, Args) of
+        {ok, #{<<"items">> := WireItems} = R} when Type == get, is_list(WireItems) ->
+            xmpp:make_iq_result(IQ, roster_query(WireItems, maps:get(<<"ver">>, R, nil)));
+        {ok, _} ->
+            xmpp:make_iq_result(IQ);
+        {error, {program, #{<<"stanza_error">> := #{} = E}}} ->
+            xmpp:make_error(IQ, stanza_error(E, Lang));
+        Error ->
+            ?WARNING_MSG("roster-port: roster ~ts of ~ts@~ts not served: ~p",
+                         [Type, LUser, LServer, Error]),
+            xmpp:make_error(IQ, #stanza_error{type = wait,
+                                              reason = 'internal-server-error',
+                                              text = xmpp:mk_text(
+                                                       ?T("Roster service unavailable"),
+                                                       Lang)})
+    end;
+process_roster_iq(#iq{lang = Lang} = IQ) ->
+    xmpp:make_error(IQ, xmpp:err_bad_request(?T("Malformed roster query"), Lang)).
+
+client_item(#roster_item{jid = JID, name = Name, subscription = Sub, ask = Ask,
+                         groups = Groups}) ->
+    #{<<"jid">> => jid:encode(JID),
+      <<"name">> => case Name of <<>> -> nil; _ -> Name end,
+      <<"subscription">> => atom_to_binary(Sub),
+      <<"ask">> => nil_if_undefined(Ask),
+      <<"groups">> => Groups}.
+
+stanza_error(#{<<"type">> := Type, <<"condition">> := Condition} = E, Lang) ->
+    #stanza_error{type = one_of(Type, [modify, cancel, auth, wait], cancel),
+                  reason = one_of(Condition, stanza_conditions(), 'undefined-condition'),
+                  text = case maps:get(<<"text">>, E, nil) of
+                             T when is_binary(T), T /= <<>> -> xmpp:mk_text(T, Lang);
+                             _ -> []
+                         end}.
+
+stanza_conditions() ->
+    ['bad-request', conflict, 'feature-not-implemented', forbidden, gone,
+     'internal-server-error', 'item-not-found', 'jid-malformed', 'not-acceptable',
+     'not-allowed', 'not-authorized', 'policy-violation', 'recipient-unavailable',
+     redirect, 'registration-required', 'remote-server-not-found',
+     'remote-server-timeout', 'resource-constraint', 'service-unavailable',
+     'subscription-required', 'undefined-condition', 'unexpected-request'].
+
+%% A <query/> with the items. xmpp 1.6.1's #roster_item has no `approved`,
+%% so the query is encoded and then approved='true' is added to the items
+%% that carry it.
+roster_query(WireItems, Ver) ->
+    Query = #roster_query{items = [wire_to_roster_item(I) || I <- WireItems],
+                          ver = undefined_if_nil(Ver)},
+    case [jid:encode(jid:decode(J)) || #{<<"jid">> := J, <<"approved">> := true} <- WireItems] of
+        [] ->
+            Query;
+        Approved ->
+            #xmlel{children = Children} = El = xmpp:encode(Query),
+            El#xmlel{children = [mark_approved(C, Approved) || C <- Children]}
+    end.
+
+mark_approved(#xmlel{name = <<"item">>, attrs = Attrs} = El, Approved) ->
+    case lists:member(proplists:get_value(<<"jid">>, Attrs), Approved) of
+        true -> El#xmlel{attrs = Attrs ++ [{<<"approved">>, <<"true">>}]};
+        false -> El
+    end;
+mark_approved(El, _) ->
+    El.
+
+%%%===================================================================
+%%% Effects
+%%%===================================================================
+
+run_effects(Host, Effects) when is_list(Effects) ->
+    lists:foreach(fun(E) -> run_effect(Host, E) end, Effects);
+run_effects(_Host, _) ->
+    ok.
+
+%% One bad effect is logged and skipped; it never breaks the hook.
+run_effect(Host, Effect) ->
+    try effect(Effect)
+    catch Class:Reason:Stack ->
+            ?ERROR_MSG("roster-port ~ts: cannot carry out effect ~p: ~p:~p~n~p",
+                       [Host, Effect, Class, Reason, Stack])
+    end.
+
+effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) ->
+    #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
+    Query = roster_query([Item], maps:get(<<"ver">>, E, nil)),
+    lists:foreach(
+      fun(Resource) ->
+              ejabberd_router:route(
+                #iq{type = set, from = BareJID,
+                    to = jid:replace_resource(BareJID, Resource),
+                    id = <<"push", (p1_rand:get_string())/binary>>,
+                    sub_els = [Query]})
+      end, ejabberd_sm:get_user_resources(LUser, LServer));
+effect(#{<<"type">> := <<"route_presence">>, <<"from">> := From, <<"to">> := To,
+         <<"presence_type">> := Type} = E) ->
+    ejabberd_router:route(
+      #presence{from = jid:decode(From), to = jid:decode(To),
+                type = presence_type(Type),
+                status = text(maps:get(<<"status">>, E, nil))});
+effect(#{<<"type">> := <<"send_presence">>, <<"user">> := User, <<"to">> := To}) ->
+    #jid{luser = LUser, lserver = LServer} = jid:decode(User),
+    ToJID = jid:decode(To),
+    %% Each session sends its own last available presence (if it has one).
+    lists:foreach(
+      fun(Resource) ->
+              case ejabberd_sm:get_session_pid(LUser, LServer, Resource) of
+                  Pid when is_pid(Pid) -> ejabberd_c2s:resend_presence(Pid, ToJID);
+                  _ -> ok
+              end
+      end, ejabberd_sm:get_user_resources(LUser, LServer));
+effect(#{<<"type">> := <<"send_unavailable">>, <<"user">> := User, <<"to">> := To}) ->
+    #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
+    ToJID = jid:decode(To),
+    lists:foreach(
+      fun(Resource) ->
+              ejabberd_router:route(
+                #presence{from = jid:replace_resource(BareJID, Resource), to = ToJID,
+                          type = unavailable})
+      end, ejabberd_sm:get_user_resources(LUser, LServer));
+effect(Other) ->
+    ?WARNING_MSG("roster-port: ignoring unknown effect ~p", [Other]).
+
+%% Events that have no caller waiting: notifications, answers to replayed
+%% presences, answers that came after their caller's deadline.
+handle_async(Host, {notification, <<"roster_changed">>, Params}) ->
+    run_effects(Host, maps:get(<<"effects">>, Params, []));
+handle_async(Host, {notification, Name, _Params}) ->
+    ?WARNING_MSG("roster-port ~ts: ignoring unknown notification ~ts", [Host, Name]);
+handle_async(Host, {replayed, <<"in_subscription">>, Args, {ok, Result}}) ->
+    run_effects(Host, maps:get(<<"effects">>, Result, [])),
+    case maps:get(<<"deliver">>, Result, false) of
+        true -> deliver_late_presence(Args);
+        false -> ok
+    end;
+handle_async(Host, {Kind, _Op, _Args, {ok, Result}}) when Kind == replayed; Kind == late ->
+    run_effects(Host, maps:get(<<"effects">>, Result, []));
+handle_async(Host, {Kind, Op, Args, Error}) ->
+    ?ERROR_MSG("roster-port ~ts: ~ts request ~ts ~p failed: ~p",
+               [Host, Kind, Op, Args, Error]).
+
+%% An inbound subscription presence kept while the program was down, now
+%% accepted: hand it to the user's available sessions as ejabberd_sm would
+%% have (routing it again would run roster_in_subscription twice).
+deliver_late_presence(#{<<"user">> := User, <<"contact">> := Contact,
+                        <<"type">> := Type} = Args) ->
+    #jid{luser = LUser, lserver = LServer} = UserJID = jid:decode(User),
+    Pres = #presence{from = jid:decode(Contact), type = presence_type(Type),
+                     status = text(maps:get(<<"status">>, Args, nil))},
+    lists:foreach(
+      fun({_Prio, Resource}) ->
+              case ejabberd_sm:get_session_pid(LUser, LServer, Resource) of
+                  Pid when is_pid(Pid) ->
+                      To = jid:replace_resource(UserJID, Resource),
+                      ejabberd_c2s:route(Pid, {route, Pres#presence{to = To}});
+                  _ ->
+                      ok
+              end
+      end, ejabberd_sm:get_user_present_resources(LUser, LServer)).
+
+%%%===================================================================
+%%% mod_roster storage backend (db_type: port)
+%%%===================================================================
+%%% Each callback is one store_* request; the program writes what it is
+%%% given and never runs the subscription state machine for these. There is
+%%% no transaction across several callbacks: each request is atomic in the
+%%% program, and one user's requests are serialised by the pool.
+
+init(_Host, _Opts) ->
+    ok.
+
+import(LServer, <<"rosterusers">>, #roster{us = {LUser, _}} = R) ->
+    _ = store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => record_to_map(R)}),
+    ok;
+import(_LServer, _Table, _Data) ->
+    %% Versions belong to the program.
+    ok.
+
+read_roster_version(LUser, LServer) ->
+    case store(LServer, LUser, <<"store_read_version">>, #{}) of
+        {ok, #{<<"ver">> := Ver}} when is_binary(Ver) -> {ok, Ver};
+        _ -> error
+    end.
+
+write_roster_version(_LUser, _LServer, _InTransaction, _Ver) ->
+    %% The program changes the version on every write it makes.
+    ok.
+
+get_roster(LUser, LServer) ->
+    case store(LServer, LUser, <<"store_get_roster">>, #{}) of
+        {ok, #{<<"items">> := Items}} ->
+            {ok, [map_to_record(LUser, LServer, I) || I <- Items]};
+        _ ->
+            error
+    end.
+
+get_roster_item(LUser, LServer, LJID) ->
+    case store(LServer, LUser, <<"store_get_item">>, #{<<"contact">> => bare(LJID)}) of
+        {ok, #{<<"item">> := #{} = Item}} -> {ok, map_to_record(LUser, LServer, Item)};
+        _ -> error
+    end.
+
+read_subscription_and_groups(LUser, LServer, LJID) ->
+    case get_roster_item(LUser, LServer, LJID) of
+        {ok, #roster{subscription = Sub, ask = Ask, groups = Groups}} ->
+            {ok, {Sub, Ask, Groups}};
+        error ->
+            error
+    end.
+
+roster_subscribe(LUser, LServer, LJID, Item) ->
+    update_roster(LUser, LServer, LJID, Item).
+
+transaction(_LServer, F) ->
+    try {atomic, F()}
+    catch _:Reason -> {aborted, Reason}
+    end.
+
+remove_user(LUser, LServer) ->
+    case store(LServer, LUser, <<"store_remove_user">>, #{}) of
+        {ok, _} -> ok;
+        Error -> {error, Error}
+    end.
+
+update_roster(LUser, LServer, _LJID, Item) ->
+    case store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => record_to_map(Item)}) of
+        {ok, _} -> ok;
+        Error -> error({roster_port, Error})
+    end.
+
+del_roster(LUser, LServer, LJID) ->
+    case store(LServer, LUser, <<"store_del_item">>, #{<<"contact">> => bare(LJID)}) of
+        {ok, _} -> ok;
+        Error -> error({roster_port, Error})
+    end.
+
+%% The program is the source of truth: mod_roster must not cache.
+use_cache(_LServer, _Table) ->
+    false.
+
+store(LServer, LUser, Op, Args) ->
+    call(LServer, LUser, Op, Args).
+
+%%%===================================================================
+%%% Calls and conversions
+%%%===================================================================
+
+call(LServer, LUser, Op, Args) ->
+    call(LServer, LUser, Op, Args, #{}).
+
+%% Sends one request and carries out the effects of its answer.
+call(LServer, LUser, Op, Args, CallOpts) ->
+    User = <<LUser/binary, "@", LServer/binary>>,
+    case roster_port_pool:call(LServer, User, Op, Args, CallOpts) of
+        {ok, Result} = Ok ->
+            run_effects(LServer, maps:get(<<"effects">>, Result, [])),
+            Ok;
+        {error, Reason} = Error ->
+            ?DEBUG("roster-port: ~ts for ~ts failed: ~p", [Op, User, Reason]),
+            Error
+    end.
+
+bare(#jid{} = JID) -> jid:encode(jid:remove_resource(JID));
+bare({U, S, _R}) -> jid:encode({U, S, <<>>}).
+
+status(#presence{status = Status}) ->
+    case xmpp:get_text(Status) of
+        <<>> -> nil;
+        Text -> Text
+    end.
+
+text(nil) -> [];
+text(<<>>) -> [];
+text(Text) when is_binary(Text) -> xmpp:mk_text(Text).
+
+nil_if_undefined(undefined) -> nil;
+nil_if_undefined(V) -> V.
+
+undefined_if_nil(nil) -> undefined;
+undefined_if_nil(V) -> V.
+
+one_of(Bin, Atoms, Default) when is_binary(Bin) ->
+    case [A || A <- Atoms, atom_to_binary(A) == Bin] of
+        [A | _] -> A;
+        [] -> Default
+    end;
+one_of(_, _, Default) ->
+    Default.
+
+subscription(S) -> one_of(S, [none, to, from, both, remove], none).
+pending(A) -> one_of(A, [none, in, out, both, subscribe, unsubscribe], none).
+presence_type(T) ->
+    one_of(T, [available, unavailable, subscribe, subscribed, unsubscribe,
+               unsubscribed, probe, error], available).
+
+wire_to_roster_item(#{<<"jid">> := J} = I) ->
+    #roster_item{jid = jid:decode(J),
+                 name = case maps:get(<<"name">>, I, nil) of
+                            N when is_binary(N) -> N;
+                            _ -> <<>>
+                        end,
+                 subscription = subscription(maps:get(<<"subscription">>, I, <<"none">>)),
+                 ask = case maps:get(<<"ask">>, I, nil) of
+                           <<"subscribe">> -> subscribe;
+                           _ -> undefined
+                       end,
+                 groups = maps:get(<<"groups">>, I, [])}.
+
+record_to_map(#roster{jid = LJID, name = Name, subscription = Sub, ask = Ask,
+                      groups = Groups, askmessage = AskMessage}) ->
+    #{<<"jid">> => bare(LJID),
+      <<"name">> => Name,
+      <<"subscription">> => atom_to_binary(Sub),
+      <<"ask">> => atom_to_binary(Ask),
+      <<"groups">> => Groups,
+      <<"askmessage">> => case AskMessage of
+                              M when is_binary(M) -> M;
+                              _ -> <<>>
+                          end,
+      <<"approved">> => false}.
+
+map_to_record(LUser, LServer, #{<<"jid">> := J} = M) ->
+    LJID = jid:tolower(jid:remove_resource(jid:decode(J))),
+    #roster{usj = {LUser, LServer, LJID},
+            us = {LUser, LServer},
+            jid = LJID,
+            name = bin(maps:get(<<"name">>, M, <<>>)),
+            subscription = subscription(maps:get(<<"subscription">>, M, <<"none">>)),
+            ask = pending(maps:get(<<"ask">>, M, <<"none">>)),
+            groups = maps:get(<<"groups">>, M, []),
+            askmessage = bin(maps:get(<<"askmessage">>, M, <<>>))}.
+
+bin(B) when is_binary(B) -> B;
+bin(_) -> <<>>.

@@ -1,0 +1,40 @@
+%%% @doc Supervisor of one host's port pool: the transcript writer (when a
+%%% transcript file is configured) and pool_size workers.
+%%%
+%%% A worker restarts its own program with backoff and never dies because of
+%%% it, so a worker crash here is a bug in the shim; the supervisor restarts
+%%% the worker and, while it is gone, callers get {error, unavailable}.
+-module(roster_port_sup).
+-behaviour(supervisor).
+
+-export([start_link/3, init/1, transcript_name/1]).
+
+start_link(Host, Opts, Names) ->
+    supervisor:start_link(?MODULE, {Host, Opts, Names}).
+
+init({Host, Opts, Names}) ->
+    Transcript = case maps:get(transcript, Opts) of
+                     undefined -> undefined;
+                     Path -> {transcript_name(Host), Path}
+                 end,
+    TranscriptSpecs =
+        case Transcript of
+            undefined -> [];
+            {TName, TPath} ->
+                [#{id => transcript,
+                   start => {roster_port_transcript, start_link, [TName, TPath]}}]
+        end,
+    WorkerOpts = Opts#{transcript => case Transcript of
+                                         undefined -> undefined;
+                                         {TName1, _} -> TName1
+                                     end},
+    WorkerSpecs = [#{id => {worker, I},
+                     start => {roster_port_worker, start_link,
+                               [Host, I, element(I, Names), WorkerOpts]},
+                     shutdown => 5000}
+                   || I <- lists:seq(1, tuple_size(Names))],
+    {ok, {#{strategy => one_for_one, intensity => 10, period => 60},
+          TranscriptSpecs ++ WorkerSpecs}}.
+
+transcript_name(Host) ->
+    list_to_atom("roster_port_transcript_" ++ binary_to_list(Host)).

@@ -1,0 +1,498 @@
+%%% @doc One worker of the pool: owns one running roster-port program.
+%%%
+%%% Theory of operation. The worker opens the program as a port with
+%%% {packet, 4} (the protocol's framing), says hello, and then forwards
+%%% requests as they come: each gets the next id and an entry in `pending`,
+%%% and any number may be in flight. An answer is matched to its caller by
+%%% id. Everything the program does is watched:
+%%%   - it exits: logged with its exit status, every caller in flight gets
+%%%     {error, unavailable}, and it is started again after a backoff that
+%%%     doubles from 100 ms up to max_backoff while it keeps failing;
+%%%   - it hangs: a ping goes out every ping_interval; no answer to a ping
+%%%     (or to hello) within call_timeout, or a run of MAX_TIMEOUTS requests
+%%%     without answer, and the program is killed and restarted the same way;
+%%%   - while it is down, requests are answered {error, unavailable} at once.
+%%%     A request sent with keep = true (subscription presences) is then kept
+%%%     in a bounded queue, logged with its content, and replayed in order
+%%%     right after the next successful hello.
+%%% Effects that arrive without a caller to carry them out (notifications,
+%%% the answer to a replayed request, an answer that came after its caller's
+%%% deadline) go to the `runner`, a linked process that calls the pool's
+%%% handler one event at a time, in order. They are never carried out in
+%%% the worker itself: routing a presence may run a roster hook that calls
+%%% this very worker, which would deadlock.
+%%%
+%%% The program's stdout carries frames only. Its stderr is not captured: it
+%%% is inherited from ejabberd's VM (see README), so the program should log
+%%% to a file of its own.
+-module(roster_port_worker).
+-behaviour(gen_server).
+
+-export([start_link/4]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-include_lib("kernel/include/logger.hrl").
+
+-define(PROTOCOLS, [1]).
+-define(SHIM_VERSION, <<"0.1.0">>).
+-define(MIN_BACKOFF, 100).
+-define(MAX_TIMEOUTS, 5).
+-define(MAX_LATE, 1000).
+
+-record(state,
+        {host :: binary(),
+         index :: pos_integer(),
+         command :: [string()],
+         call_timeout :: pos_integer(),
+         max_frame_bytes :: pos_integer(),
+         ping_interval :: pos_integer(),
+         max_kept :: non_neg_integer(),
+         max_backoff :: pos_integer(),
+         handler :: undefined | {module(), atom(), list()},
+         transcript :: undefined | atom(),
+         runner :: pid(),
+         %% down: no program (a start is scheduled); starting: hello sent;
+         %% up: serving.
+         status = down :: down | starting | up,
+         port :: undefined | port(),
+         os_pid :: undefined | non_neg_integer(),
+         started_at = 0 :: integer(),
+         backoff = ?MIN_BACKOFF :: pos_integer(),
+         next_id = 1 :: pos_integer(),
+         %% Id => {Kind, Op, Args, Deadline}; Kind is {caller, From} | hello
+         %% | ping | replay.
+         pending = #{} :: #{pos_integer() => tuple()},
+         %% Requests whose caller gave up: Id => {Op, Args}, oldest first in
+         %% late_ids, so that their effects are still carried out.
+         late = #{} :: map(),
+         late_ids = queue:new() :: queue:queue(),
+         timeouts = 0 :: non_neg_integer(),
+         kept = queue:new() :: queue:queue({binary(), map()}),
+         kept_len = 0 :: non_neg_integer(),
+         ping_timer :: undefined | reference()}).
+
+start_link(Host, Index, Name, Opts) ->
+    gen_server:start_link({local, Name}, ?MODULE, {Host, Index, Opts}, []).
+
+%%%===================================================================
+%%% gen_server callbacks
+%%%===================================================================
+
+init({Host, Index, Opts}) ->
+    process_flag(trap_exit, true),
+    State = #state{host = Host,
+                   index = Index,
+                   command = maps:get(command, Opts),
+                   call_timeout = maps:get(call_timeout, Opts),
+                   max_frame_bytes = maps:get(max_frame_bytes, Opts),
+                   ping_interval = maps:get(ping_interval, Opts),
+                   max_kept = maps:get(max_kept, Opts),
+                   max_backoff = maps:get(max_backoff, Opts),
+                   handler = maps:get(handler, Opts),
+                   transcript = maps:get(transcript, Opts)},
+    State1 = State#state{runner = start_runner(State)},
+    %% The program starts after init returns: a slow start must not hold
+    %% the supervisor (and so ejabberd's module start).
+    self() ! start_program,
+    schedule_sweep(State1),
+    {ok, State1}.
+
+handle_call({request, Op, Args, Deadline, _Keep}, From,
+            #state{status = up} = State) ->
+    case send_request({caller, From}, Op, Args, Deadline, State) of
+        {ok, State1} ->
+            {noreply, State1};
+        {error, Reason} ->
+            {reply, {error, Reason}, State}
+    end;
+handle_call({request, Op, Args, _Deadline, Keep}, _From, State) ->
+    State1 = case Keep of
+                 true -> keep(Op, Args, State);
+                 false -> State
+             end,
+    {reply, {error, unavailable}, State1};
+handle_call(status, _From, State) ->
+    {reply, #{status => State#state.status, os_pid => State#state.os_pid,
+              kept => State#state.kept_len,
+              pending => maps:size(State#state.pending)}, State};
+handle_call(_Request, _From, State) ->
+    {reply, {error, badarg}, State}.
+
+handle_cast(_Msg, State) ->
+    {noreply, State}.
+
+handle_info({Port, {data, Frame}}, #state{port = Port} = State) ->
+    {noreply, handle_frame(Frame, State)};
+handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
+    {noreply, program_down({exit_status, Status}, State#state{port = undefined})};
+handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
+    {noreply, program_down({port_exit, Reason}, State#state{port = undefined})};
+handle_info({'EXIT', Runner, Reason}, #state{runner = Runner} = State) ->
+    ?LOG_ERROR("roster-port ~ts/~B: effects runner died (~p); starting a new one",
+               [State#state.host, State#state.index, Reason]),
+    {noreply, State#state{runner = start_runner(State)}};
+handle_info({'EXIT', _, _}, State) ->
+    %% An old port, already closed by us.
+    {noreply, State};
+handle_info(start_program, #state{status = down} = State) ->
+    {noreply, start_program(State)};
+handle_info(ping, #state{status = up} = State) ->
+    Deadline = now_ms() + State#state.call_timeout,
+    State1 = State#state{ping_timer = undefined},
+    case send_request(ping, <<"ping">>, #{}, Deadline, State1) of
+        {ok, State2} -> {noreply, State2};
+        {error, _} -> {noreply, schedule_ping(State1)}
+    end;
+handle_info(sweep, State) ->
+    schedule_sweep(State),
+    {noreply, sweep(State)};
+handle_info(_Info, State) ->
+    {noreply, State}.
+
+terminate(_Reason, #state{port = Port} = State) ->
+    %% Closing stdin asks the program to finish what is in flight and exit.
+    close_port(Port),
+    fail_callers(State),
+    ok.
+
+%%%===================================================================
+%%% Starting and stopping the program
+%%%===================================================================
+
+start_program(#state{command = [Exe | Args]} = State) ->
+    try
+        Path = executable(Exe),
+        Port = open_port({spawn_executable, Path},
+                         [{packet, 4}, binary, exit_status, use_stdio, hide,
+                          {args, Args}]),
+        {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+        ?LOG_INFO("roster-port ~ts/~B: started ~ts (os pid ~B)",
+                  [State#state.host, State#state.index, Path, OsPid]),
+        State1 = State#state{port = Port, os_pid = OsPid, status = starting,
+                             started_at = now_ms(), next_id = 1},
+        Hello = #{<<"protocols">> => ?PROTOCOLS, <<"shim">> => ?SHIM_VERSION,
+                  <<"host">> => State#state.host},
+        {ok, State2} = send_request(hello, <<"hello">>, Hello,
+                                    now_ms() + State#state.call_timeout, State1),
+        State2
+    catch
+        _:Reason ->
+            program_down({cannot_start, Exe, Reason}, State)
+    end.
+
+executable(Exe) ->
+    case filename:pathtype(Exe) of
+        absolute -> Exe;
+        _ ->
+            case os:find_executable(Exe) of
+                false -> error(enoent);
+                Path -> Path
+            end
+    end.
+
+%% The program is gone or must go: make sure it is dead, answer everyone
+%% waiting, and schedule the next start.
+program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
+    close_port(Port),
+    case Why of
+        {exit_status, _} -> ok;
+        _ -> kill(OsPid)
+    end,
+    fail_callers(State),
+    {Kept, KeptLen} = requeue_replays(State),
+    cancel_ping(State),
+    %% A program that ran for a while gets a fresh start; one that keeps
+    %% failing is retried less and less often.
+    RanForAWhile = OsPid /= undefined andalso
+        now_ms() - State#state.started_at > State#state.max_backoff,
+    Backoff = case Why of
+                  {unsupported_protocol, _} -> State#state.max_backoff;
+                  _ when RanForAWhile -> ?MIN_BACKOFF;
+                  _ -> State#state.backoff
+              end,
+    log_down(Why, Backoff, State),
+    erlang:send_after(Backoff, self(), start_program),
+    State#state{status = down, port = undefined, os_pid = undefined,
+                pending = #{}, timeouts = 0, ping_timer = undefined,
+                kept = Kept, kept_len = KeptLen,
+                backoff = min(Backoff * 2, State#state.max_backoff)}.
+
+log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid}) ->
+    case Why of
+        {exit_status, Status} ->
+            ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) exited with "
+                       "status ~B; restarting it in ~B ms",
+                       [Host, I, OsPid, Status, Backoff]);
+        {hung, What} ->
+            ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) does not answer "
+                       "(~ts); killed it, restarting it in ~B ms",
+                       [Host, I, OsPid, What, Backoff]);
+        {unsupported_protocol, Message} ->
+            ?LOG_ERROR("roster-port ~ts/~B: the program does not speak roster-port "
+                       "protocol ~w (it says: ~ts); not using it, trying again "
+                       "in ~B ms",
+                       [Host, I, ?PROTOCOLS, Message, Backoff]);
+        {cannot_start, Exe, Reason} ->
+            ?LOG_ERROR("roster-port ~ts/~B: cannot start ~ts: ~p; trying again "
+                       "in ~B ms", [Host, I, Exe, Reason, Backoff]);
+        Other ->
+            ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) stopped: ~p; "
+                       "restarting it in ~B ms", [Host, I, OsPid, Other, Backoff])
+    end.
+
+close_port(undefined) -> ok;
+close_port(Port) ->
+    catch port_close(Port),
+    ok.
+
+kill(undefined) -> ok;
+kill(OsPid) when is_integer(OsPid) ->
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
+    ok.
+
+fail_callers(#state{pending = Pending}) ->
+    maps:foreach(fun(_Id, {{caller, From}, _Op, _Args, _Deadline}) ->
+                         gen_server:reply(From, {error, unavailable});
+                    (_Id, _Other) ->
+                         ok
+                 end, Pending).
+
+%% Replayed requests that got no answer go back to the front of the queue,
+%% in their original order.
+requeue_replays(#state{pending = Pending, kept = Kept, kept_len = Len}) ->
+    Replays = lists:sort([{Id, Op, Args}
+                          || {Id, {replay, Op, Args, _}} <- maps:to_list(Pending)]),
+    Front = queue:from_list([{Op, Args} || {_, Op, Args} <- Replays]),
+    {queue:join(Front, Kept), Len + queue:len(Front)}.
+
+%%%===================================================================
+%%% Requests and answers
+%%%===================================================================
+
+send_request(Kind, Op, Args, Deadline, #state{port = Port, next_id = Id} = State) ->
+    Message = [0, Id, Op, Args],
+    Frame = roster_port_msgpack:encode(Message),
+    if byte_size(Frame) > State#state.max_frame_bytes ->
+            ?LOG_ERROR("roster-port ~ts/~B: request ~ts of ~B bytes is over "
+                       "max_frame_bytes; not sent",
+                       [State#state.host, State#state.index, Op, byte_size(Frame)]),
+            {error, frame_too_large};
+       true ->
+            try port_command(Port, Frame) of
+                true ->
+                    roster_port_transcript:record(State#state.transcript, in,
+                                                  State#state.index, Message),
+                    Pending = maps:put(Id, {Kind, Op, Args, Deadline},
+                                       State#state.pending),
+                    {ok, State#state{next_id = Id + 1, pending = Pending}}
+            catch error:badarg ->
+                    %% The program has just exited; its exit_status message
+                    %% is on its way and will restart it.
+                    {error, unavailable}
+            end
+    end.
+
+handle_frame(Frame, State) when byte_size(Frame) > State#state.max_frame_bytes ->
+    ?LOG_ERROR("roster-port ~ts/~B: dropped a frame of ~B bytes from the program "
+               "(over max_frame_bytes)",
+               [State#state.host, State#state.index, byte_size(Frame)]),
+    State;
+handle_frame(Frame, State) ->
+    case roster_port_msgpack:decode_all(Frame) of
+        {ok, Message} ->
+            roster_port_transcript:record(State#state.transcript, out,
+                                          State#state.index, Message),
+            handle_message(Message, State);
+        {error, Reason} ->
+            ?LOG_ERROR("roster-port ~ts/~B: undecodable frame from the program "
+                       "(~p), first bytes: ~ts",
+                       [State#state.host, State#state.index, Reason,
+                        hex_head(Frame)]),
+            State
+    end.
+
+handle_message([1, Id, Error, Result], State) when is_integer(Id) ->
+    Reply = case Error of
+                nil when is_map(Result) -> {ok, Result};
+                Map when is_map(Map) -> {error, {program, Map}};
+                _ -> {error, {program, #{<<"code">> => <<"bad_response">>}}}
+            end,
+    case maps:take(Id, State#state.pending) of
+        {Entry, Pending} ->
+            answered(Entry, Reply, State#state{pending = Pending, timeouts = 0});
+        error ->
+            case maps:take(Id, State#state.late) of
+                {{Op, Args}, Late} ->
+                    to_runner({late, Op, Args, Reply}, State),
+                    State#state{late = Late};
+                error ->
+                    ?LOG_WARNING("roster-port ~ts/~B: answer to unknown request ~p",
+                                 [State#state.host, State#state.index, Id]),
+                    State
+            end
+    end;
+handle_message([2, Name, Params], State) when is_binary(Name), is_map(Params) ->
+    to_runner({notification, Name, Params}, State),
+    State;
+handle_message(Other, State) ->
+    ?LOG_ERROR("roster-port ~ts/~B: unexpected message from the program: ~p",
+               [State#state.host, State#state.index, Other]),
+    State.
+
+answered({{caller, From}, _Op, _Args, _Deadline}, Reply, State) ->
+    gen_server:reply(From, Reply),
+    State;
+answered({replay, Op, Args, _Deadline}, Reply, State) ->
+    to_runner({replayed, Op, Args, Reply}, State),
+    State;
+answered({ping, _, _, _}, {ok, _}, State) ->
+    schedule_ping(State);
+answered({ping, _, _, _}, {error, Err}, State) ->
+    ?LOG_WARNING("roster-port ~ts/~B: ping answered with an error: ~p",
+                 [State#state.host, State#state.index, Err]),
+    schedule_ping(State);
+answered({hello, _, _, _}, Reply, State) ->
+    hello_answered(Reply, State).
+
+hello_answered({ok, #{<<"protocol">> := Protocol} = Result}, State) ->
+    case lists:member(Protocol, ?PROTOCOLS) of
+        true ->
+            Caps = maps:get(<<"capabilities">>, Result, #{}),
+            roster_port_pool:set_capabilities(State#state.host, Caps),
+            ?LOG_INFO("roster-port ~ts/~B: program ~ts speaks protocol ~B; "
+                      "capabilities: ~ts",
+                      [State#state.host, State#state.index,
+                       maps:get(<<"program">>, Result, <<"?">>), Protocol,
+                       lists:join(<<" ">>, [K || {K, true} <- lists:sort(maps:to_list(Caps))])]),
+            replay_kept(schedule_ping(State#state{status = up}));
+        false ->
+            program_down({unsupported_protocol,
+                          io_lib:format("protocol ~p", [Protocol])}, State)
+    end;
+hello_answered({error, {program, #{<<"code">> := <<"unsupported_protocol">>} = E}},
+               State) ->
+    program_down({unsupported_protocol, maps:get(<<"message">>, E, <<>>)}, State);
+hello_answered(Other, State) ->
+    program_down({bad_hello, Other}, State).
+
+%% Kept requests go out first, before any new request, so a user's
+%% operations reach the program in the order they happened.
+replay_kept(#state{kept_len = 0} = State) ->
+    State;
+replay_kept(#state{kept = Kept} = State) ->
+    ?LOG_WARNING("roster-port ~ts/~B: replaying ~B kept subscription presences",
+                 [State#state.host, State#state.index, State#state.kept_len]),
+    Deadline = now_ms() + State#state.call_timeout,
+    lists:foldl(fun({Op, Args}, S) ->
+                        case send_request(replay, Op, Args, Deadline, S) of
+                            {ok, S1} -> S1;
+                            {error, _} -> S
+                        end
+                end, State#state{kept = queue:new(), kept_len = 0},
+                queue:to_list(Kept)).
+
+keep(Op, Args, #state{max_kept = Max, kept_len = Len} = State) when Len >= Max ->
+    ?LOG_ERROR("roster-port ~ts/~B: program down and the queue of kept "
+               "presences is full (~B); lost: ~ts ~p",
+               [State#state.host, State#state.index, Max, Op, Args]),
+    State;
+keep(Op, Args, #state{kept = Kept, kept_len = Len} = State) ->
+    ?LOG_WARNING("roster-port ~ts/~B: program down; keeping ~ts ~p to replay later",
+                 [State#state.host, State#state.index, Op, Args]),
+    State#state{kept = queue:in({Op, Args}, Kept), kept_len = Len + 1}.
+
+%%%===================================================================
+%%% Deadlines
+%%%===================================================================
+
+%% Requests past their deadline: a caller's is remembered as late (its
+%% caller has already been told {error, timeout}); a hello or ping past its
+%% deadline, or a run of timeouts, means the program hangs.
+sweep(#state{status = down} = State) ->
+    State;
+sweep(#state{pending = Pending} = State) ->
+    Now = now_ms(),
+    Expired = lists:sort([{Id, E} || {Id, {_, _, _, Deadline} = E} <- maps:to_list(Pending),
+                                     Deadline < Now]),
+    sweep_expired(Expired, State).
+
+sweep_expired([], State) ->
+    State;
+sweep_expired([{_Id, {Kind, _, _, _}} | _], State) when Kind == hello; Kind == ping ->
+    program_down({hung, io_lib:format("no answer to ~ts within ~B ms",
+                                      [Kind, State#state.call_timeout])}, State);
+sweep_expired([{Id, {_Kind, Op, Args, _}} | Rest], State) ->
+    ?LOG_WARNING("roster-port ~ts/~B: no answer to request ~B (~ts ~p) within ~B ms",
+                 [State#state.host, State#state.index, Id, Op, Args,
+                  State#state.call_timeout]),
+    State1 = remember_late(Id, Op, Args,
+                           State#state{pending = maps:remove(Id, State#state.pending),
+                                       timeouts = State#state.timeouts + 1}),
+    if State1#state.timeouts >= ?MAX_TIMEOUTS ->
+            program_down({hung, io_lib:format("~B requests in a row without answer",
+                                              [State1#state.timeouts])}, State1);
+       true ->
+            sweep_expired(Rest, State1)
+    end.
+
+remember_late(Id, Op, Args, #state{late = Late, late_ids = Ids} = State) ->
+    Ids1 = queue:in(Id, Ids),
+    Late1 = Late#{Id => {Op, Args}},
+    case queue:len(Ids1) > ?MAX_LATE of
+        true ->
+            {{value, Old}, Ids2} = queue:out(Ids1),
+            State#state{late = maps:remove(Old, Late1), late_ids = Ids2};
+        false ->
+            State#state{late = Late1, late_ids = Ids1}
+    end.
+
+schedule_sweep(#state{call_timeout = T}) ->
+    erlang:send_after(max(10, min(1000, T div 4)), self(), sweep).
+
+schedule_ping(#state{ping_interval = Interval} = State) ->
+    cancel_ping(State),
+    State#state{ping_timer = erlang:send_after(Interval, self(), ping)}.
+
+cancel_ping(#state{ping_timer = undefined}) -> ok;
+cancel_ping(#state{ping_timer = Ref}) ->
+    _ = erlang:cancel_timer(Ref),
+    ok.
+
+%%%===================================================================
+%%% The effects runner
+%%%===================================================================
+
+to_runner(Event, #state{runner = Runner}) ->
+    Runner ! {event, Event},
+    ok.
+
+start_runner(#state{host = Host, index = Index, handler = Handler}) ->
+    proc_lib:spawn_link(fun() -> runner_loop(Host, Index, Handler) end).
+
+runner_loop(Host, Index, Handler) ->
+    receive
+        {event, Event} ->
+            try run_handler(Handler, Event)
+            catch Class:Reason:Stack ->
+                    ?LOG_ERROR("roster-port ~ts/~B: carrying out ~p failed: ~p:~p ~p",
+                               [Host, Index, Event, Class, Reason, Stack])
+            end,
+            runner_loop(Host, Index, Handler)
+    end.
+
+run_handler(undefined, _Event) -> ok;
+run_handler({M, F, A}, Event) -> apply(M, F, A ++ [Event]).
+
+%%%===================================================================
+%%% Helpers
+%%%===================================================================
+
+now_ms() ->
+    erlang:monotonic_time(millisecond).
+
+hex_head(Frame) ->
+    Head = binary:part(Frame, 0, min(32, byte_size(Frame))),
+    << <<(hex(N))>> || <<N:4>> <= Head >>.
+
+hex(N) when N < 10 -> $0 + N;
+hex(N) -> $a + N - 10.

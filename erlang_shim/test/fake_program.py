@@ -1,0 +1,86 @@
+"""A stand-in for `roster-port serve`, for the pool's EUnit tests only.
+
+It speaks the protocol's framing and message shapes (4-byte length + one
+msgpack value; [0, id, op, args] in, [1, id, error, result] and
+[2, name, params] out) with real msgpack, and serves test ops:
+  hello, ping          as protocol.md says (argv "--protocol N" changes the
+                       protocol it claims; "--refuse" answers
+                       unsupported_protocol)
+  echo                 result {"effects": [], "args": args}
+  sleep {"ms"}         answers after ms milliseconds, in a thread, so later
+                       requests overtake it
+  die {"status"}       exits at once with that status
+  hang                 stops answering anything (pings included)
+  notify {"user"}      sends a roster_changed notification, then answers
+"""
+import os
+import struct
+import sys
+import threading
+import time
+
+import msgpack
+
+out_lock = threading.Lock()
+hanging = threading.Event()
+args = sys.argv[1:]
+protocol = int(args[args.index("--protocol") + 1]) if "--protocol" in args else 1
+refuse = "--refuse" in args
+
+
+def write(message):
+    body = msgpack.packb(message, use_bin_type=True)
+    with out_lock:
+        sys.stdout.buffer.write(struct.pack(">I", len(body)) + body)
+        sys.stdout.buffer.flush()
+
+
+def answer(msgid, result=None, error=None):
+    if not hanging.is_set():
+        write([1, msgid, error, result])
+
+
+def serve(msgid, op, a):
+    if op == "hello":
+        if refuse:
+            answer(msgid, error={"code": "unsupported_protocol",
+                                 "message": "this program speaks protocol 99",
+                                 "stanza_error": None})
+        else:
+            answer(msgid, {"protocol": protocol, "program": "fake",
+                           "capabilities": {"versioning": True}, "effects": []})
+    elif op == "ping":
+        answer(msgid, {"effects": []})
+    elif op == "echo":
+        answer(msgid, {"effects": [], "args": a, "pid": os.getpid()})
+    elif op == "sleep":
+        def later():
+            time.sleep(a["ms"] / 1000)
+            answer(msgid, {"effects": [], "slept": a["ms"]})
+        threading.Thread(target=later, daemon=True).start()
+    elif op == "die":
+        sys.stdout.buffer.flush()
+        os._exit(a.get("status", 3))
+    elif op == "hang":
+        hanging.set()
+    elif op == "notify":
+        write([2, "roster_changed", {"user": a["user"], "effects": [{"type": "test"}]}])
+        answer(msgid, {"effects": []})
+    else:
+        answer(msgid, error={"code": "unknown_op", "message": op, "stanza_error": None})
+
+
+def main():
+    stdin = sys.stdin.buffer
+    while True:
+        head = stdin.read(4)
+        if len(head) < 4:
+            return
+        (size,) = struct.unpack(">I", head)
+        message = msgpack.unpackb(stdin.read(size), raw=False)
+        _, msgid, op, a = message
+        serve(msgid, op, a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+%%% EUnit tests of the port pool against a real program: test/fake_program.py
+%%% run by a real Python with real msgpack (the project's .venv by default,
+%%% or $ROSTER_PORT_PYTHON). Nothing of the port or the program is mocked.
+-module(roster_port_pool_tests).
+-include_lib("eunit/include/eunit.hrl").
+-export([handle_event/2]).
+
+-define(HOST, <<"pool.test">>).
+-define(TIMEOUT, 400).
+%% EUnit runs setup and tests in different processes: each test registers
+%% itself under this name to receive the pool's events.
+-define(LISTENER, roster_port_pool_tests_listener).
+
+python() ->
+    case os:getenv("ROSTER_PORT_PYTHON") of
+        false ->
+            case filelib:is_regular("../.venv/bin/python") of
+                true -> filename:absname("../.venv/bin/python");
+                false -> os:find_executable("python3")
+            end;
+        Python -> Python
+    end.
+
+start_pool(Extra) ->
+    Opts = maps:merge(#{command => [python(), filename:absname("test/fake_program.py")],
+                        pool_size => 2,
+                        call_timeout => ?TIMEOUT,
+                        ping_interval => 200,
+                        max_backoff => 400,
+                        handler => {?MODULE, handle_event, [?LISTENER]}},
+                      Extra),
+    process_flag(trap_exit, true),
+    {ok, Sup} = roster_port_pool:start(?HOST, Opts),
+    ok = wait_until(fun() -> all_up() end, 5000),
+    Sup.
+
+stop_pool(Sup) ->
+    roster_port_pool:stop(?HOST),
+    unlink(Sup),
+    exit(Sup, shutdown),
+    wait_dead(Sup).
+
+wait_dead(Pid) ->
+    Ref = monitor(process, Pid),
+    receive {'DOWN', Ref, _, _, _} -> ok after 5000 -> error(pool_did_not_stop) end.
+
+%% The pool's handler: events with no caller (notifications, replays, late
+%% answers) come back to the test process.
+handle_event(Listener, Event) ->
+    catch Listener ! {pool_event, Event}.
+
+listen() ->
+    catch unregister(?LISTENER),
+    register(?LISTENER, self()).
+
+worker_status(User) ->
+    Names = roster_port_pool:worker_names(?HOST),
+    Name = lists:nth(erlang:phash2(User, length(Names)) + 1, Names),
+    gen_server:call(Name, status).
+
+all_up() ->
+    lists:all(fun(Name) -> (catch maps:get(status, gen_server:call(Name, status))) == up end,
+              roster_port_pool:worker_names(?HOST)).
+
+wait_until(Fun, Ms) when Ms =< 0 ->
+    case Fun() of true -> ok; _ -> timeout end;
+wait_until(Fun, Ms) ->
+    case Fun() of
+        true -> ok;
+        _ -> timer:sleep(20), wait_until(Fun, Ms - 20)
+    end.
+
+call(User, Op, Args) ->
+    roster_port_pool:call(?HOST, User, Op, Args).
+
+pool_test_() ->
+    {foreach, fun() -> start_pool(#{}) end, fun stop_pool/1,
+     [{"hello sets capabilities; echo answers with user added", fun echo/0},
+      {"requests are pipelined and matched by id", fun pipelining/0},
+      {"a call past its deadline gets timeout, the late answer is dropped",
+       fun deadline/0},
+      {"a dead program is restarted; calls are unavailable at once meanwhile",
+       fun restart_after_death/0},
+      {"a hung program is killed and restarted", fun hung_program/0},
+      {"kept requests are replayed when the program is back", fun replay/0},
+      {"notifications reach the handler", fun notification/0},
+      {"program errors come back as errors", fun program_error/0},
+      {"one user always goes to the same worker", fun same_worker/0}]}.
+
+echo() ->
+    ?assertEqual(#{<<"versioning">> => true}, roster_port_pool:capabilities(?HOST)),
+    {ok, #{<<"args">> := Args}} = call(<<"a@x">>, <<"echo">>, #{<<"k">> => [1, nil]}),
+    ?assertEqual(#{<<"k">> => [1, nil], <<"user">> => <<"a@x">>}, Args).
+
+pipelining() ->
+    Self = self(),
+    %% The slow request goes first; the fast ones overtake it on the same
+    %% worker, which proves several are in flight at once.
+    Slow = spawn_link(fun() ->
+                              Self ! {slow, call(<<"a@x">>, <<"sleep">>, #{<<"ms">> => 250})}
+                      end),
+    timer:sleep(30),
+    T0 = erlang:monotonic_time(millisecond),
+    [{ok, _} = call(<<"a@x">>, <<"echo">>, #{<<"n">> => N}) || N <- lists:seq(1, 20)],
+    Fast = erlang:monotonic_time(millisecond) - T0,
+    ?assert(Fast < 200),
+    receive {slow, R} -> ?assertMatch({ok, #{<<"slept">> := 250}}, R)
+    after 2000 -> error(no_slow_answer)
+    end,
+    _ = Slow.
+
+deadline() ->
+    listen(),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({error, timeout}, call(<<"a@x">>, <<"sleep">>, #{<<"ms">> => ?TIMEOUT + 200})),
+    Elapsed = erlang:monotonic_time(millisecond) - T0,
+    ?assert(Elapsed >= ?TIMEOUT andalso Elapsed < ?TIMEOUT + 150),
+    %% The late answer goes to the handler (its effects must still be carried
+    %% out), never to the caller's mailbox.
+    receive {pool_event, {late, <<"sleep">>, _, {ok, _}}} -> ok
+    after 1000 -> error(no_late_event)
+    end,
+    receive Stray when not is_tuple(Stray) orelse element(1, Stray) /= pool_event ->
+            error({stray_message, Stray})
+    after 100 -> ok
+    end,
+    %% One timeout is not a hang: the same program still serves.
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+restart_after_death() ->
+    #{os_pid := Pid1} = worker_status(<<"a@x">>),
+    ?assertEqual({error, unavailable}, call(<<"a@x">>, <<"die">>, #{<<"status">> => 7})),
+    %% While it is down, answers come at once, not after the deadline.
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({error, unavailable}, call(<<"a@x">>, <<"echo">>, #{})),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < 50),
+    ok = wait_until(fun() -> maps:get(status, worker_status(<<"a@x">>)) == up end, 3000),
+    #{os_pid := Pid2} = worker_status(<<"a@x">>),
+    ?assertNotEqual(Pid1, Pid2),
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+hung_program() ->
+    #{os_pid := Pid1} = worker_status(<<"a@x">>),
+    ?assertEqual({error, timeout}, call(<<"a@x">>, <<"hang">>, #{})),
+    %% The next ping gets no answer either: killed, then restarted.
+    ok = wait_until(fun() -> maps:get(os_pid, worker_status(<<"a@x">>)) /= Pid1
+                                 andalso maps:get(status, worker_status(<<"a@x">>)) == up
+                    end, 5000),
+    ?assertNot(filelib:is_dir("/proc/" ++ integer_to_list(Pid1))),
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+replay() ->
+    listen(),
+    _ = call(<<"a@x">>, <<"die">>, #{<<"status">> => 1}),
+    Keep = #{keep => true},
+    ?assertEqual({error, unavailable},
+                 roster_port_pool:call(?HOST, <<"a@x">>, <<"echo">>, #{<<"n">> => 1}, Keep)),
+    ?assertEqual({error, unavailable},
+                 roster_port_pool:call(?HOST, <<"a@x">>, <<"echo">>, #{<<"n">> => 2}, Keep)),
+    ?assertEqual(2, maps:get(kept, worker_status(<<"a@x">>))),
+    Replayed = [receive {pool_event, {replayed, <<"echo">>, #{<<"n">> := N}, {ok, _}}} -> N
+                after 3000 -> error(no_replay)
+                end || _ <- [1, 2]],
+    ?assertEqual([1, 2], Replayed),
+    ?assertEqual(0, maps:get(kept, worker_status(<<"a@x">>))).
+
+notification() ->
+    listen(),
+    {ok, _} = call(<<"a@x">>, <<"notify">>, #{}),
+    receive
+        {pool_event, {notification, <<"roster_changed">>, Params}} ->
+            ?assertEqual(<<"a@x">>, maps:get(<<"user">>, Params))
+    after 1000 -> error(no_notification)
+    end.
+
+program_error() ->
+    ?assertMatch({error, {program, #{<<"code">> := <<"unknown_op">>}}},
+                 call(<<"a@x">>, <<"nope">>, #{})).
+
+same_worker() ->
+    Pids = [maps:get(<<"pid">>, element(2, call(<<"u@x">>, <<"echo">>, #{})))
+            || _ <- lists:seq(1, 10)],
+    ?assertEqual(1, length(lists:usort(Pids))).
+
+refusal_test_() ->
+    {setup,
+     fun() ->
+             process_flag(trap_exit, true),
+             {ok, Sup} = roster_port_pool:start(
+                           ?HOST, #{command => [python(), filename:absname("test/fake_program.py"),
+                                                "--refuse"],
+                                    pool_size => 1, call_timeout => ?TIMEOUT}),
+             Sup
+     end,
+     fun stop_pool/1,
+     fun(_) ->
+             ?_test(begin
+                        timer:sleep(500),
+                        ?assertNotEqual(up, maps:get(status, worker_status(<<"a@x">>))),
+                        ?assertEqual({error, unavailable}, call(<<"a@x">>, <<"echo">>, #{}))
+                    end)
+     end}.
+
+no_pool_test() ->
+    ?assertEqual({error, unavailable},
+                 roster_port_pool:call(<<"nowhere">>, <<"a@x">>, <<"echo">>, #{})).
+
+transcript_test_() ->
+    Path = filename:absname(".eunit/transcript_test.msgpack"),
+    {setup,
+     fun() -> file:delete(Path), start_pool(#{transcript => Path, pool_size => 1}) end,
+     fun stop_pool/1,
+     fun(_) ->
+             ?_test(begin
+                        {ok, _} = call(<<"a@x">>, <<"echo">>, #{<<"k">> => 1}),
+                        timer:sleep(100),
+                        {ok, Bin} = file:read_file(Path),
+                        Records = decode_stream(Bin),
+                        %% hello out and back, then the echo out and back.
+                        ?assertMatch([[<<"in">>, 1, _, [0, 1, <<"hello">>, _]],
+                                      [<<"out">>, 1, _, [1, 1, nil, #{<<"protocol">> := 1}]],
+                                      [<<"in">>, 1, _, [0, 2, <<"echo">>,
+                                                        #{<<"k">> := 1, <<"user">> := <<"a@x">>}]],
+                                      [<<"out">>, 1, _, [1, 2, nil, #{<<"args">> := _}]]
+                                      | _], Records),
+                        [[_, _, Ts, _] | _] = Records,
+                        ?assert(abs(Ts - erlang:system_time(millisecond)) < 60000)
+                    end)
+     end}.
+
+decode_stream(<<>>) -> [];
+decode_stream(Bin) ->
+    {ok, Term, Rest} = roster_port_msgpack:decode(Bin),
+    [Term | decode_stream(Rest)].
