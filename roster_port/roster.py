@@ -196,8 +196,8 @@ def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
     updated = row.evolve(name=name, groups=tuple(groups), in_roster=True)
     if updated == row:
         return Outcome()
-    txn.put(updated)
-    return Outcome(effects=[Push(txn.user, wire_item(updated), _version(txn, rules))])
+    stored = txn.put(updated) or updated
+    return Outcome(effects=[Push(txn.user, wire_item(stored), _version(txn, rules))])
 
 
 def _check_limits(limits: Limits, name: str, groups: list[str]) -> None:
@@ -253,6 +253,10 @@ def subscription(
     outbound one, whether it may go on to the contact (a pre-approval may not).
     """
     answer_key = "deliver" if event.direction is Direction.IN else "route"
+    if contact == txn.user:
+        # A subscription to oneself means nothing (RFC 6121 3: a user's server handles its own
+        # presence); never store the user in their own roster.
+        return Outcome({answer_key: event.direction is Direction.OUT})
     row = txn.get(contact)
     if rules.policy.read_only:
         # The application owns relationships: nothing changes, nothing is delivered.
@@ -295,7 +299,7 @@ def subscription(
         if not updated.in_roster and new == SubState():
             txn.delete(contact)  # a stranger's request, denied or withdrawn: forget it
         else:
-            txn.put(updated)
+            updated = txn.put(updated) or updated
         if updated.in_roster and moved.changed:
             effects.append(Push(txn.user, wire_item(updated), _version(txn, rules)))
     if moved.auto_reply:
@@ -394,9 +398,9 @@ def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outc
         raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
     if old == row:
         return Outcome({"ver": _version(txn, rules)})
-    txn.put(row)
+    stored = txn.put(row) or row
     ver = _version(txn, rules)
-    return Outcome({"ver": ver}, [Push(txn.user, wire_item(row), ver)])
+    return Outcome({"ver": ver}, [Push(txn.user, wire_item(stored), ver)])
 
 
 def store_del_item(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:

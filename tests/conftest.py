@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
+import pg_cluster
 from roster_port.store.base import RosterStore
+from roster_port.store.postgres import PostgresStore
 from roster_port.store.sqlite import SQLiteStore
 
 
@@ -70,9 +72,41 @@ def sqlite_factory(tmp_path: Path) -> Iterator[StoreFactory]:
     )
 
 
+# An unreachable database gives StoreUnavailable after this long (the default is 2 s).
+PG_TEST_CONNECT_TIMEOUT_S = 1.0
+
+
+@contextlib.contextmanager
+def postgres_factory(tmp_path: Path) -> Iterator[StoreFactory]:
+    # A fresh schema of the session's database (tests/pg_cluster.py), dropped afterwards.
+    server = pg_cluster.shared_server()
+    schema = server.create_schema()
+    try:
+        yield StoreFactory(
+            adapter="postgres",
+            opener=functools.partial(PostgresStore, server.dsn(schema),
+                                     connect_timeout_s=PG_TEST_CONNECT_TIMEOUT_S),
+            # Sessions cut and new ones refused: what a store sees of a server gone away.
+            unreachable=server.refusing_connections,
+        )
+    finally:
+        server.drop_schema(schema)
+
+
 STORE_ADAPTERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[StoreFactory]]] = {
     "sqlite": sqlite_factory,
+    "postgres": postgres_factory,
 }
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> pg_cluster.TestServer:
+    """The session's PostgreSQL server: a throwaway cluster, or $ROSTER_PORT_TEST_PG_DSN's."""
+    return pg_cluster.shared_server()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pg_cluster.stop_shared_server()  # started on first use, if at all
 
 
 @pytest.fixture(params=sorted(STORE_ADAPTERS))

@@ -271,6 +271,12 @@ def test_an_item_with_a_pending_request_stays_visible_and_its_changes_are_pushed
     assert [item["jid"] for item in session.get(ALICE)["items"]] == [BOB]
 
 
+def test_subscribing_to_oneself_changes_nothing(session):
+    assert session.out(ALICE, ALICE, "subscribe") == {"route": True, "effects": []}
+    assert session.inbound(ALICE, ALICE, "subscribe") == {"deliver": False, "effects": []}
+    assert session.ok("store_get_roster", {"user": ALICE})["items"] == []
+
+
 def test_losing_from_sends_unavailable(session):
     session.inbound(ALICE, BOB, "subscribe")
     session.out(ALICE, BOB, "subscribed")

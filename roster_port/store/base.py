@@ -90,8 +90,13 @@ class RosterTxn(abc.ABC):
         """The row for `contact` (a normalised bare JID), or None."""
 
     @abc.abstractmethod
-    def put(self, row: RosterRow) -> None:
-        """Insert or replace the row for `row.contact`."""
+    def put(self, row: RosterRow) -> RosterRow | None:
+        """Insert or replace the row for `row.contact`.
+
+        An adapter that cannot store every state exactly (an operator's own schema, where a
+        friendship may be mutual only) returns the row as it now reads back, which is what
+        gets pushed; the others return None.
+        """
 
     @abc.abstractmethod
     def delete(self, contact: str) -> None:

@@ -24,7 +24,38 @@ def _sqlite(options: dict[str, Any]) -> RosterStore:
     return SQLiteStore(path, busy_timeout_ms=busy_timeout_ms)
 
 
-BACKENDS = {"sqlite": _sqlite}
+def _postgres(options: dict[str, Any]) -> RosterStore:
+    from .postgres import PostgresStore, dsn_without_password
+
+    unknown = set(options) - {"backend", "dsn", "pool_min", "pool_max", "connect_timeout_s"}
+    if unknown:
+        raise ConfigError(f"[store] for postgres: unknown keys {sorted(unknown)}")
+    dsn = options.get("dsn")
+    if not isinstance(dsn, str) or not dsn:
+        raise ConfigError(
+            "[store].dsn must be a PostgreSQL connection string or URI "
+            "(e.g. \"host=db.example.com dbname=roster user=roster_port\")")
+    try:
+        dsn_without_password(dsn)
+    except ValueError:
+        # libpq's message may quote a piece of the string, which may be the password.
+        raise ConfigError("[store].dsn is not a valid PostgreSQL connection string or URI "
+                          "(libpq cannot parse it)") from None
+    pool_min = options.get("pool_min", 1)
+    pool_max = options.get("pool_max", 4)
+    for key, value in (("pool_min", pool_min), ("pool_max", pool_max)):
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"[store].{key} must be a positive integer")
+    if pool_min > pool_max:
+        raise ConfigError(f"[store].pool_min ({pool_min}) must not exceed pool_max ({pool_max})")
+    connect_timeout_s = options.get("connect_timeout_s", 2.0)
+    if type(connect_timeout_s) not in (int, float) or not connect_timeout_s > 0:
+        raise ConfigError("[store].connect_timeout_s must be a positive number of seconds")
+    return PostgresStore(dsn, pool_min=pool_min, pool_max=pool_max,
+                         connect_timeout_s=float(connect_timeout_s))
+
+
+BACKENDS = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 def open_store(config: Config) -> RosterStore:

@@ -112,9 +112,19 @@ _BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE"
 _BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """The parameters of `dsn` (a libpq connection string or URI), or ValueError."""
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        # libpq's message may quote a piece of the string, which may be the password.
+        raise ValueError("not a valid PostgreSQL connection string or URI "
+                         "(libpq cannot parse it)") from None
+
+
 def dsn_without_password(dsn: str) -> str:
-    """`dsn` (a libpq connection string or URI) as keyword=value pairs, without the password."""
-    parameters = conninfo_to_dict(dsn)
+    """`dsn` as keyword=value pairs without the password (for logs), or ValueError."""
+    parameters = parse_dsn(dsn)
     parameters.pop("password", None)
     return make_conninfo(**parameters)
 
@@ -384,10 +394,7 @@ class PostgresStore(RosterStore):
             raise ValueError(f"connect_timeout_s must be > 0, not {connect_timeout_s}")
         if lock_timeout_ms <= 0:  # 0 would mean "wait forever" to PostgreSQL
             raise ValueError(f"lock_timeout_ms must be > 0, not {lock_timeout_ms}")
-        try:
-            dsn_parameters = conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as exc:
-            raise ValueError(f"not a PostgreSQL connection string: {_one_line(exc)}") from None
+        dsn_parameters = parse_dsn(dsn)
         self.pool_min, self.pool_max = pool_min, pool_max
         self.connect_timeout_s = connect_timeout_s
         self.lock_timeout_ms = lock_timeout_ms
@@ -567,13 +574,15 @@ class PostgresStore(RosterStore):
                       "refusing connections; the psycopg.pool warnings in the log say why)")
         else:
             sqlstate = f" [{exc.sqlstate}]" if exc.sqlstate else ""
-            detail = f"PostgreSQL {self.dsn_shown}: {type(exc).__name__}{sqlstate}: {_one_line(exc)}"
+            detail = (f"PostgreSQL {self.dsn_shown}: "
+                      f"{type(exc).__name__}{sqlstate}: {_one_line(exc)}")
         lost = connection is not None and (connection.broken or connection.closed)
-        if (isinstance(exc, psycopg.OperationalError) or lost
-                or exc.sqlstate in _UNAVAILABLE_SQLSTATES):
-            if exc.sqlstate in _UNAVAILABLE_SQLSTATES and connection is not None:
-                connection.close()  # connect again, maybe to the new primary (see libpq's
-                #                     target_session_attrs)
+        cannot_write_now = exc.sqlstate in _UNAVAILABLE_SQLSTATES
+        if isinstance(exc, psycopg.OperationalError) or lost or cannot_write_now:
+            if cannot_write_now and connection is not None:
+                # Drop the connection to a standby: the next one may reach the new primary
+                # (with a DSN listing the hosts and target_session_attrs=read-write).
+                connection.close()
             log.warning("PostgreSQL database unavailable: %s", detail)
             return StoreUnavailable(detail)
         return StoreError(detail)
