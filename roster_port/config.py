@@ -4,6 +4,11 @@
     backend = "sqlite"           # "sqlite" or "postgres"
     path = "roster-port.sqlite"  # sqlite: the database file (relative to the config file)
     busy_timeout_ms = 5000       # sqlite: how long to wait for another process's write lock
+    # dsn = "host=db dbname=app user=roster_port"   # postgres: libpq connection string or URI
+    # pool_min = 1                 # postgres: connections kept open per program process
+    # pool_max = 4
+    # connect_timeout_s = 2.0      # postgres: fail fast when the server is down (keep it, plus
+    #                              # the 2 s lock timeout, under the shim's call_timeout)
 
     [roster]
     versioning = true            # roster versioning (XEP-0237 / RFC 6121 2.6)
