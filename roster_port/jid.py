@@ -89,11 +89,11 @@ def nameprep(domainpart: str) -> str:
     return ".".join(labels)
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=8192)
 def bare_jid(text: str) -> str:
     """The normalised bare JID for `text`, or InvalidJID.
 
-    Cached: the same few thousand JIDs come back on every request.
+    Cached (bounded: a few MB at most): the same JIDs come back request after request.
     """
     if not isinstance(text, str) or not text:
         raise InvalidJID("empty JID")

@@ -16,7 +16,8 @@ import pytest
 import sqlite_utils
 
 from roster_port.store.base import RosterRow, StoreError, StoreUnavailable
-from roster_port.store.sqlite import SCHEMA, SQLiteStore
+from roster_port.store.sqlite import MIGRATION_NAMES, SQLiteStore
+from roster_port.store.sqlite_schema import SCHEMA
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -117,7 +118,7 @@ def test_processes_opening_a_fresh_file_together_migrate_it_once(db_path):
             if process.is_alive():
                 process.kill()
     assert reports == ["ok"] * processes_count
-    assert len(applied_migrations(db_path)) == len(set(applied_migrations(db_path))) == len(SCHEMA._migrations)
+    assert len(applied_migrations(db_path)) == len(set(applied_migrations(db_path))) == len(MIGRATION_NAMES)
 
 
 def test_the_database_is_in_wal_mode_with_synchronous_normal(open_store, db_path):
@@ -321,3 +322,25 @@ def test_a_closed_store_refuses_work(db_path):
     with pytest.raises(StoreError, match="closed"):
         with store.snapshot(ALICE):
             pass
+
+
+def test_the_migration_names_known_without_sqlite_utils_are_the_migrations():
+    fresh = sqlite_utils.Database(memory=True, execute_plugins=False)
+    assert tuple(migration.name for migration in SCHEMA.pending(fresh)) == MIGRATION_NAMES
+
+
+def test_a_current_database_is_served_without_importing_sqlite_utils(db_path, tmp_path):
+    """sqlite-utils (and what it imports) is most of a program process's memory."""
+    SQLiteStore(db_path).close()  # migrates
+    script = (
+        "import sys\n"
+        "from roster_port.store.sqlite import SQLiteStore\n"
+        f"store = SQLiteStore({db_path!r})\n"
+        "with store.transaction('a@example.com') as txn: txn.rows()\n"
+        "store.close()\n"
+        "assert 'sqlite_utils' not in sys.modules, 'sqlite_utils was imported'\n"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
