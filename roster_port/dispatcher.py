@@ -32,7 +32,7 @@ from .messages import (
     recover_id,
 )
 from .roster import Outcome, Rules
-from .store.base import OutsideChange, RosterStore, RosterTxn, StoreError, StoreUnavailable
+from .store.base import ChangeFeed, OutsideChange, RosterStore, RosterTxn, StoreError, StoreUnavailable
 from .subscription import PRESENCE_TYPES, Direction, Event
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ class Dispatcher:
         self.store = store
         self.rules = rules
         self.greeted = False
-        self.wants_changes = False  # the shim asked this process to report outside changes
+        self.host: str | None = None  # the virtual host the shim serves, from its hello
+        self.feed: ChangeFeed | None = None  # opened when the shim's hello asks for changes
 
     def handle(self, event: FrameEvent) -> bytes | None:
         """The response payload for one framing event, or None when there is none to send."""
@@ -200,7 +201,9 @@ class Dispatcher:
         """`roster_changed` notifications for changes other applications made, one per user."""
         by_user: dict[str, list[OutsideChange]] = {}
         for change in changes:
-            by_user.setdefault(change.user, []).append(change)
+            # Each virtual host has a pool, and each pool a feed: report this host's users only.
+            if self.host is None or change.user.endswith("@" + self.host):
+                by_user.setdefault(change.user, []).append(change)
         payloads = []
         for user, user_changes in by_user.items():
             try:
@@ -213,6 +216,11 @@ class Dispatcher:
             params = {"user": user, "effects": [effect.to_wire() for effect in effects]}
             payloads.append(encode_notification("roster_changed", params))
         return payloads
+
+    def close(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
+            self.feed = None
 
     @staticmethod
     def _user(args: dict[str, Any]) -> str:
@@ -237,9 +245,15 @@ class Dispatcher:
                 f"the shim offered {offered}",
             )
         self.greeted = True
-        self.wants_changes = bool(args.get("change_feed"))
+        self.host = args["host"] if isinstance(args.get("host"), str) else None
         if isinstance(args.get("node"), str) and args["node"]:
             self.store.origin = args["node"]
+        if args.get("change_feed") and self.feed is None:
+            # Opened before the answer, so that a shim may trust a cache from the answer on:
+            # every change made after it will be notified.
+            self.feed = self.store.open_change_feed()
+            if self.feed is None:
+                log.warning("the shim asked for outside changes; %s has none", self.store.describe())
         log.info("hello from shim %s for %s: protocol %d", args.get("shim"), args.get("host"), max(common))
         policy = self.rules.policy
         return {
@@ -248,7 +262,7 @@ class Dispatcher:
             "capabilities": {
                 "versioning": policy.versioning,
                 "pre_approval": policy.pre_approval,
-                "notifications": self.wants_changes,
+                "notifications": self.feed is not None,
             },
             "effects": [],
         }

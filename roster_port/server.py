@@ -25,7 +25,6 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .framing import FrameDecoder, encode_frame
 from .roster import Rules
-from .store.base import ChangeFeed
 from .store.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -65,30 +64,27 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     log.info("serving rosters from %s (pid %d)", store.describe(), os.getpid())
     dispatcher = Dispatcher(store, Rules(config.roster, config.limits))
     decoder = FrameDecoder(config.limits.max_frame_bytes)
-    feed: ChangeFeed | None = None
     selector = selectors.DefaultSelector()
     selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
+    feed_fd: int | None = None  # the feed's descriptor as registered (it changes on reconnect)
     try:
         while True:
-            if feed is None and dispatcher.wants_changes:
-                feed = store.open_change_feed()
-                if feed is None:
-                    log.warning("the shim asked for outside changes; %s has no change feed", store.describe())
-                elif feed.fileno() is not None:
-                    selector.register(feed.fileno(), selectors.EVENT_READ, "feed")
-                    log.info("reporting changes made outside XMPP (woken by the database)")
-                else:
-                    log.info("reporting changes made outside XMPP (polled every %.2f s)", feed.poll_interval)
-                dispatcher.wants_changes = feed is not None
-            timeout = feed.poll_interval if feed is not None else None
-            ready = {key.data for key, _ in selector.select(timeout)}
+            feed = dispatcher.feed
+            if (fd := feed.fileno() if feed is not None else None) != feed_fd:
+                if feed_fd is not None:
+                    selector.unregister(feed_fd)
+                if fd is not None:
+                    selector.register(fd, selectors.EVENT_READ, "feed")
+                feed_fd = fd
+            polled = feed is not None and feed_fd is None
+            ready = {key.data for key, _ in selector.select(feed.poll_interval if polled else None)}
             out: list[bytes] = []
             if "stdin" in ready:
                 data = os.read(stdin_fd, READ_SIZE)
                 if not data:
                     break
                 out += [payload for event in decoder.feed(data) if (payload := dispatcher.handle(event))]
-            if feed is not None and ("feed" in ready or feed.fileno() is None):
+            if feed is not None and ("feed" in ready or polled):
                 out += dispatcher.notifications(feed.read())
             if out:
                 write_all(frames_fd, b"".join(encode_frame(payload) for payload in out))
@@ -99,8 +95,7 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     finally:
         if decoder.buffered:
             log.warning("EOF inside a frame: %d bytes of an incomplete frame dropped", decoder.buffered)
-        if feed is not None:
-            feed.close()
+        dispatcher.close()
         selector.close()
         store.close()
         log.info("store closed; exiting")
