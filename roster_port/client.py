@@ -4,6 +4,9 @@ the benchmarks. It spawns the real `roster-port serve` process and speaks frames
 from __future__ import annotations
 
 import itertools
+import os
+import selectors
+import time
 import subprocess
 import sys
 from typing import Any, BinaryIO
@@ -21,6 +24,7 @@ class ProgramProcess:
             stderr=stderr,
         )
         self._ids = itertools.count(1)
+        self._received = bytearray()
         if hello:
             self.call("hello", {"protocols": [1], "shim": "test", "host": "localhost"})
 
@@ -37,13 +41,30 @@ class ProgramProcess:
         self.write(encode_frame(encode_request(request_id, op, args)))
         return request_id
 
-    def read_message(self) -> list[Any]:
-        assert self.process.stdout is not None
-        header = self.process.stdout.read(HEADER.size)
-        if len(header) < HEADER.size:
-            raise EOFError("the program closed its stdout")
+    def read_message(self, timeout: float = 60) -> list[Any]:
+        """The next message from the program; TimeoutError after `timeout` seconds, so that a
+        test waiting for an answer that never comes fails instead of hanging."""
+        deadline = time.monotonic() + timeout
+        header = self._read_exactly(HEADER.size, deadline)
         (length,) = HEADER.unpack(header)
-        return decode_message(self.process.stdout.read(length))
+        return decode_message(self._read_exactly(length, deadline))
+
+    def _read_exactly(self, size: int, deadline: float) -> bytes:
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while len(self._received) < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise TimeoutError(f"no message from the program (pid {self.process.pid}) in time")
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise EOFError("the program closed its stdout")
+                self._received += chunk
+        data = bytes(self._received[:size])
+        del self._received[:size]
+        return data
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return its result; raise ProgramError on an error response."""

@@ -332,6 +332,10 @@ def pending_requests(txn: RosterTxn, rules: Rules) -> Outcome:
 
 def remove_user(txn: RosterTxn, rules: Rules) -> Outcome:
     """The account is gone: cancel every subscription both ways, then drop the roster."""
+    if rules.policy.read_only:
+        # The application owns relationships: deleting the XMPP account leaves them alone.
+        log.info("%s: account removed; read-only roster left as it is", txn.user)
+        return Outcome()
     effects = [
         effect
         for row in txn.rows()

@@ -14,6 +14,12 @@
 %%% When the program cannot answer, every hook gets the safe answer of
 %%% docs/protocol.md; nothing here may crash or stall ejabberd because of it.
 %%%
+%%% Reads on the hot path (roster_get_jid_info, roster_get) are answered from
+%%% an exact cache when it can (roster_port_cache; roster_port_worker
+%%% invalidates it). Effects of answers reach every session of the user in
+%%% the cluster; effects of roster_changed notifications only the sessions
+%%% on this node, as every node's shim gets the same notification.
+%%%
 %%% Why mod_roster stays loaded: ejabberd_c2s reads mod_roster's `access`
 %%% option for every outgoing subscription presence, and other modules call
 %%% mod_roster functions directly; those calls end up in the backend below.
@@ -77,6 +83,11 @@ start(Host, Opts) ->
                  call_timeout => gen_mod:get_opt(call_timeout, Opts),
                  max_frame_bytes => gen_mod:get_opt(max_frame_bytes, Opts),
                  transcript => gen_mod:get_opt(transcript, Opts),
+                 cache_size => case gen_mod:get_opt(cache, Opts) of
+                                   true -> gen_mod:get_opt(cache_size, Opts);
+                                   false -> 0
+                               end,
+                 node => atom_to_binary(node()),
                  handler => {?MODULE, handle_async, [Host]}},
     Spec = #{id => pool_proc(Host),
              start => {roster_port_pool, start, [Host, PoolOpts]},
@@ -150,14 +161,20 @@ mod_opt_type(call_timeout) ->
 mod_opt_type(max_frame_bytes) ->
     econf:pos_int();
 mod_opt_type(transcript) ->
-    econf:either(econf:enum([undefined]), econf:binary()).
+    econf:either(econf:enum([undefined]), econf:binary());
+mod_opt_type(cache) ->
+    econf:bool();
+mod_opt_type(cache_size) ->
+    econf:pos_int().
 
 mod_options(_Host) ->
     [{command, <<"roster-port serve">>},
      {pool_size, erlang:system_info(schedulers_online)},
      {call_timeout, 5000},
      {max_frame_bytes, 8 * 1024 * 1024},
-     {transcript, undefined}].
+     {transcript, undefined},
+     {cache, true},
+     {cache_size, 100000}].
 
 mod_doc() ->
     #{desc =>
@@ -181,18 +198,40 @@ mod_doc() ->
            {transcript,
             #{value => ?T("Path"),
               desc => ?T("Append every frame exchanged to this file (msgpack). "
-                         "Default: none.")}}]}.
+                         "Default: none.")}},
+           {cache,
+            #{value => "true | false",
+              desc => ?T("Answer roster_get and roster_get_jid_info from an "
+                         "exact cache, invalidated on every write and every "
+                         "roster_changed notification. Default: true.")}},
+           {cache_size,
+            #{value => ?T("Records"),
+              desc => ?T("Bound of the cache: one record per cached roster, per "
+                         "contact of a roster loaded for jid_info, per user "
+                         "written recently. When full it is emptied. "
+                         "Default: 100000.")}}]}.
 
 %%%===================================================================
 %%% Hooks
 %%%===================================================================
 
 roster_get(Acc, {LUser, LServer}) ->
-    case call(LServer, LUser, <<"roster_get">>, #{}) of
-        {ok, #{<<"items">> := Items}} ->
-            [wire_to_roster_item(I) || I <- Items] ++ Acc;
-        _ ->
-            Acc
+    Cache = roster_port_pool:cache(LServer),
+    User = <<LUser/binary, "@", LServer/binary>>,
+    case roster_port_cache:lookup_roster(Cache, User) of
+        {ok, Items} ->
+            Items ++ Acc;
+        miss ->
+            %% Taken before the request is sent: see roster_port_cache.
+            ReadAt = roster_port_cache:stamp(),
+            case call(LServer, LUser, <<"roster_get">>, #{}) of
+                {ok, #{<<"items">> := WireItems}} ->
+                    Items = [wire_to_roster_item(I) || I <- WireItems],
+                    roster_port_cache:store_roster(Cache, User, ReadAt, Items),
+                    Items ++ Acc;
+                _ ->
+                    Acc
+            end
     end.
 
 in_subscription(_Acc, #presence{from = From, to = To, type = Type} = Pres) ->
@@ -242,19 +281,62 @@ forward_out_subscription(LServer, LUser, #presence{to = To, type = Type} = Pres)
         _ -> true
     end.
 
+%% The hot path. With the cache, a user's whole store is loaded once
+%% (store_get_roster: every row, strangers' pending requests included, with
+%% jid_info's subscription, ask and groups) and every contact is answered
+%% from it until the user's roster changes.
 get_jid_info(_Acc, User, Server, JID) ->
     LUser = jid:nodeprep(User),
     LServer = jid:nameprep(Server),
     Contact = case JID of
-                  #jid{} -> bare(JID);
-                  {_, _, _} -> bare(jid:make(JID))
+                  #jid{} -> jid:remove_resource(JID);
+                  {_, _, _} -> jid:remove_resource(jid:make(JID))
               end,
-    case call(LServer, LUser, <<"jid_info">>, #{<<"contact">> => Contact}) of
+    Cache = roster_port_pool:cache(LServer),
+    Owner = <<LUser/binary, "@", LServer/binary>>,
+    case roster_port_cache:lookup_jid_info(Cache, Owner, contact_key(Contact)) of
+        {ok, absent} -> {none, none, []};
+        {ok, Info} -> Info;
+        not_loaded -> load_jid_info(Cache, LServer, LUser, Contact);
+        _Off_or_unknown -> ask_jid_info(LServer, LUser, Contact)
+    end.
+
+ask_jid_info(LServer, LUser, Contact) ->
+    case call(LServer, LUser, <<"jid_info">>, #{<<"contact">> => bare(Contact)}) of
         {ok, #{<<"subscription">> := Sub, <<"ask">> := Ask} = R} ->
             {subscription(Sub), pending(Ask), maps:get(<<"groups">>, R, [])};
         _ ->
             {none, none, []}
     end.
+
+load_jid_info(Cache, LServer, LUser, Contact) ->
+    LoadedAt = roster_port_cache:stamp(),
+    case call(LServer, LUser, <<"store_get_roster">>, #{}) of
+        {ok, #{<<"items">> := Items}} when is_list(Items) ->
+            try [{contact_key(jid:decode(J)),
+                  {subscription(maps:get(<<"subscription">>, I, <<"none">>)),
+                   pending(maps:get(<<"ask">>, I, <<"none">>)),
+                   maps:get(<<"groups">>, I, [])}}
+                 || #{<<"jid">> := J} = I <- Items] of
+                Entries ->
+                    roster_port_cache:store_jid_info(
+                      Cache, <<LUser/binary, "@", LServer/binary>>, LoadedAt, Entries),
+                    case lists:keyfind(contact_key(Contact), 1, Entries) of
+                        {_, Info} -> Info;
+                        false -> {none, none, []}
+                    end
+            catch _:_ ->
+                    %% A row ejabberd cannot parse: not cached, asked alone.
+                    ask_jid_info(LServer, LUser, Contact)
+            end;
+        _ ->
+            {none, none, []}
+    end.
+
+%% ejabberd's normal form of a bare JID, the cache's key for a contact (the
+%% program's normal form of a stored contact is the same stringprep).
+contact_key(#jid{} = JID) ->
+    jid:tolower(jid:remove_resource(JID)).
 
 remove_user_hook(User, Server) ->
     LUser = jid:nodeprep(User),
@@ -400,6 +482,13 @@ mark_approved(El, _) ->
 %%% Effects
 %%%===================================================================
 
+%% Effects towards the user's own sessions (push, send_presence,
+%% send_unavailable) reach the sessions on this node only, for answers and
+%% notifications alike: a change made through this node is reported to every
+%% other node that shares the store by that node's own change feed (the
+%% program stamps its writes with the node; docs/protocol.md,
+%% "Notifications"), and that node's shim covers its sessions. So each
+%% session hears of each change exactly once, clustered or not.
 run_effects(Host, Effects) when is_list(Effects) ->
     lists:foreach(fun(E) -> run_effect(Host, E) end, Effects);
 run_effects(_Host, _) ->
@@ -413,6 +502,15 @@ run_effect(Host, Effect) ->
                        [Host, Effect, Class, Reason, Stack])
     end.
 
+%% The user's resources on this node.
+local_resources(LUser, LServer) ->
+    Here = node(),
+    [R || R <- ejabberd_sm:get_user_resources(LUser, LServer),
+          case ejabberd_sm:get_session_pid(LUser, LServer, R) of
+              Pid when is_pid(Pid) -> node(Pid) == Here;
+              _ -> false
+          end].
+
 effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) ->
     #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
     Query = roster_query([Item], maps:get(<<"ver">>, E, nil)),
@@ -423,7 +521,7 @@ effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) 
                     to = jid:replace_resource(BareJID, Resource),
                     id = <<"push", (p1_rand:get_string())/binary>>,
                     sub_els = [Query]})
-      end, ejabberd_sm:get_user_resources(LUser, LServer));
+      end, local_resources(LUser, LServer));
 effect(#{<<"type">> := <<"route_presence">>, <<"from">> := From, <<"to">> := To,
          <<"presence_type">> := Type} = E) ->
     ejabberd_router:route(
@@ -440,7 +538,7 @@ effect(#{<<"type">> := <<"send_presence">>, <<"user">> := User, <<"to">> := To})
                   Pid when is_pid(Pid) -> ejabberd_c2s:resend_presence(Pid, ToJID);
                   _ -> ok
               end
-      end, ejabberd_sm:get_user_resources(LUser, LServer));
+      end, local_resources(LUser, LServer));
 effect(#{<<"type">> := <<"send_unavailable">>, <<"user">> := User, <<"to">> := To}) ->
     #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
     ToJID = jid:decode(To),
@@ -449,13 +547,14 @@ effect(#{<<"type">> := <<"send_unavailable">>, <<"user">> := User, <<"to">> := T
               ejabberd_router:route(
                 #presence{from = jid:replace_resource(BareJID, Resource), to = ToJID,
                           type = unavailable})
-      end, ejabberd_sm:get_user_resources(LUser, LServer));
+      end, local_resources(LUser, LServer));
 effect(Other) ->
     ?WARNING_MSG("roster-port: ignoring unknown effect ~p", [Other]).
 
 %% Events that have no caller waiting: notifications, answers to replayed
 %% presences, answers that came after their caller's deadline.
 handle_async(Host, {notification, <<"roster_changed">>, Params}) ->
+    %% The worker has already dropped the user's cached reads.
     run_effects(Host, maps:get(<<"effects">>, Params, []));
 handle_async(Host, {notification, Name, _Params}) ->
     ?WARNING_MSG("roster-port ~ts: ignoring unknown notification ~ts", [Host, Name]);

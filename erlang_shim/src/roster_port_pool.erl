@@ -14,7 +14,7 @@
 -module(roster_port_pool).
 
 -export([start/2, stop/1, call/4, call/5, capabilities/1, worker_names/1,
-         set_capabilities/2, settings/1]).
+         set_capabilities/2, settings/1, cache/1]).
 
 -export_type([opts/0, call_result/0]).
 
@@ -26,7 +26,11 @@
                   handler => {module(), atom(), list()},
                   ping_interval => pos_integer(),
                   max_kept => non_neg_integer(),
-                  max_backoff => pos_integer()}.
+                  max_backoff => pos_integer(),
+                  %% Records of the read cache (roster_port_cache); 0: no cache.
+                  cache_size => non_neg_integer(),
+                  %% The ejabberd node, sent in every hello.
+                  node => binary()}.
 -type call_result() :: {ok, map()}
                      | {error, unavailable | timeout | frame_too_large
                         | {program, map()}}.
@@ -38,11 +42,18 @@
 %% the pool's supervisor; the caller decides where that supervisor lives.
 -spec start(binary(), opts()) -> {ok, pid()} | {error, term()}.
 start(Host, Opts0) ->
-    Opts = with_defaults(Opts0),
+    Opts1 = with_defaults(Opts0),
     Names = list_to_tuple([worker_name(Host, I)
-                           || I <- lists:seq(1, maps:get(pool_size, Opts))]),
+                           || I <- lists:seq(1, maps:get(pool_size, Opts1))]),
+    %% The table itself is created (and owned) by the pool's supervisor.
+    Cache = case maps:get(cache_size, Opts1) of
+                0 -> undefined;
+                Max -> roster_port_cache:handle(cache_table(Host), Max)
+            end,
+    Opts = Opts1#{cache => Cache},
     persistent_term:put(?KEY(Host), #{names => Names,
-                                      call_timeout => maps:get(call_timeout, Opts)}),
+                                      call_timeout => maps:get(call_timeout, Opts),
+                                      cache => Cache}),
     roster_port_sup:start_link(Host, Opts, Names).
 
 %% @doc Forgets the pool's settings: from now on every call is unavailable.
@@ -55,6 +66,14 @@ stop(Host) ->
 -spec settings(binary()) -> undefined | map().
 settings(Host) ->
     persistent_term:get(?KEY(Host), undefined).
+
+%% @doc Host's read cache (undefined: none, or no pool).
+-spec cache(binary()) -> roster_port_cache:cache().
+cache(Host) ->
+    case settings(Host) of
+        #{cache := Cache} -> Cache;
+        _ -> undefined
+    end.
 
 -spec worker_names(binary()) -> [atom()].
 worker_names(Host) ->
@@ -123,8 +142,13 @@ with_defaults(Opts) ->
                  handler => undefined,
                  ping_interval => 10000,
                  max_kept => 1000,
-                 max_backoff => 30000},
+                 max_backoff => 30000,
+                 cache_size => 0,
+                 node => atom_to_binary(node())},
     maps:merge(Defaults, maps:filter(fun(_, V) -> V /= default end, Opts)).
+
+cache_table(Host) ->
+    list_to_atom("roster_port_cache_" ++ binary_to_list(Host)).
 
 worker_name(Host, Index) ->
     list_to_atom("roster_port_" ++ binary_to_list(Host) ++ "_" ++

@@ -1,5 +1,6 @@
 %%% @doc Supervisor of one host's port pool: the transcript writer (when a
-%%% transcript file is configured) and pool_size workers.
+%%% transcript file is configured) and pool_size workers; it also owns the
+%%% host's read cache table (roster_port_cache).
 %%%
 %%% A worker restarts its own program with backoff and never dies because of
 %%% it, so a worker crash here is a bug in the shim; the supervisor restarts
@@ -13,6 +14,9 @@ start_link(Host, Opts, Names) ->
     supervisor:start_link(?MODULE, {Host, Opts, Names}).
 
 init({Host, Opts, Names}) ->
+    %% The supervisor owns the read cache's table: it lives as long as the
+    %% pool, and goes with it.
+    ok = roster_port_cache:create_table(maps:get(cache, Opts)),
     Transcript = case maps:get(transcript, Opts) of
                      undefined -> undefined;
                      Path -> {transcript_name(Host), Path}

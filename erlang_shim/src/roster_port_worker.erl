@@ -22,6 +22,23 @@
 %%% the worker itself: routing a presence may run a roster hook that calls
 %%% this very worker, which would deadlock.
 %%%
+%%% Hello. Every hello names the ejabberd node (the program stamps its writes
+%%% with it) and asks for the change feed (roster_changed notifications of
+%%% changes made outside this node) from exactly one program per host: that
+%%% of worker 1, the "feed worker". Each ejabberd node has its own feed
+%%% worker, so every node hears of every outside change once.
+%%%
+%%% The read cache (roster_port_cache) is invalidated here, because every
+%%% request and answer passes through here: a writing request's user right
+%%% before the request is sent and again when its answer arrives (before the
+%%% caller hears of it); a roster_changed notification's user as soon as it
+%%% is read; everything when a program goes down or comes up, when a
+%%% writing request passes its deadline, and when an answer's request is
+%%% unknown. The feed worker also turns the cache off while its program is
+%%% down, and on once the new program's feed is known to be open: after the
+%%% answer to a ping sent once hello was answered (the program opens its
+%%% feed after answering hello, before it reads the next request).
+%%%
 %%% The program's stdout carries frames only. Its stderr is not captured: it
 %%% is inherited from ejabberd's VM (see README), so the program should log
 %%% to a file of its own.
@@ -51,6 +68,13 @@
          handler :: undefined | {module(), atom(), list()},
          transcript :: undefined | atom(),
          runner :: pid(),
+         node :: binary(),
+         %% Whether this worker's program reports outside changes (worker 1).
+         feed :: boolean(),
+         cache :: roster_port_cache:cache(),
+         %% The feed worker's first ping after hello: its answer proves the
+         %% program's change feed open, so the cache may answer again.
+         feed_check = false :: boolean(),
          %% down: no program (a start is scheduled); starting: hello sent;
          %% up: serving.
          status = down :: down | starting | up,
@@ -89,7 +113,10 @@ init({Host, Index, Opts}) ->
                    max_kept = maps:get(max_kept, Opts),
                    max_backoff = maps:get(max_backoff, Opts),
                    handler = maps:get(handler, Opts),
-                   transcript = maps:get(transcript, Opts)},
+                   transcript = maps:get(transcript, Opts),
+                   node = maps:get(node, Opts),
+                   feed = Index == 1,
+                   cache = maps:get(cache, Opts, undefined)},
     State1 = State#state{runner = start_runner(State)},
     %% The program starts after init returns: a slow start must not hold
     %% the supervisor (and so ejabberd's module start).
@@ -171,7 +198,8 @@ start_program(#state{command = [Exe | Args]} = State) ->
         State1 = State#state{port = Port, os_pid = OsPid, status = starting,
                              started_at = now_ms(), next_id = 1},
         Hello = #{<<"protocols">> => ?PROTOCOLS, <<"shim">> => ?SHIM_VERSION,
-                  <<"host">> => State#state.host},
+                  <<"host">> => State#state.host, <<"node">> => State#state.node,
+                  <<"change_feed">> => State#state.feed},
         {ok, State2} = send_request(hello, <<"hello">>, Hello,
                                     now_ms() + State#state.call_timeout, State1),
         State2
@@ -198,6 +226,10 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
         {exit_status, _} -> ok;
         _ -> kill(OsPid)
     end,
+    %% Outside changes go unreported until the next feed is open; answers in
+    %% flight are lost (their writes may be in the store).
+    State#state.feed andalso roster_port_cache:set_live(State#state.cache, false),
+    roster_port_cache:invalidate_all(State#state.cache),
     fail_callers(State),
     {Kept, KeptLen} = requeue_replays(State),
     cancel_ping(State),
@@ -214,6 +246,7 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
     erlang:send_after(Backoff, self(), start_program),
     State#state{status = down, port = undefined, os_pid = undefined,
                 pending = #{}, timeouts = 0, ping_timer = undefined,
+                feed_check = false,
                 kept = Kept, kept_len = KeptLen,
                 backoff = min(Backoff * 2, State#state.max_backoff)}.
 
@@ -278,6 +311,7 @@ send_request(Kind, Op, Args, Deadline, #state{port = Port, next_id = Id} = State
                        [State#state.host, State#state.index, Op, byte_size(Frame)]),
             {error, frame_too_large};
        true ->
+            invalidate_if_writes(Op, Args, State),
             try port_command(Port, Frame) of
                 true ->
                     roster_port_transcript:record(State#state.transcript, in,
@@ -318,20 +352,32 @@ handle_message([1, Id, Error, Result], State) when is_integer(Id) ->
                 _ -> {error, {program, #{<<"code">> => <<"bad_response">>}}}
             end,
     case maps:take(Id, State#state.pending) of
-        {Entry, Pending} ->
+        {{_, Op, Args, _} = Entry, Pending} ->
+            invalidate_if_writes(Op, Args, State),
             answered(Entry, Reply, State#state{pending = Pending, timeouts = 0});
         error ->
             case maps:take(Id, State#state.late) of
                 {{Op, Args}, Late} ->
+                    invalidate_if_writes(Op, Args, State),
                     to_runner({late, Op, Args, Reply}, State),
                     State#state{late = Late};
                 error ->
+                    %% Forgotten (too many late answers): whatever it wrote
+                    %% is unknown.
+                    roster_port_cache:invalidate_all(State#state.cache),
                     ?LOG_WARNING("roster-port ~ts/~B: answer to unknown request ~p",
                                  [State#state.host, State#state.index, Id]),
                     State
             end
     end;
 handle_message([2, Name, Params], State) when is_binary(Name), is_map(Params) ->
+    %% Before anything else reads the user's roster from the cache.
+    case {Name, maps:get(<<"user">>, Params, undefined)} of
+        {<<"roster_changed">>, User} when is_binary(User) ->
+            roster_port_cache:invalidate(State#state.cache, User);
+        _ ->
+            roster_port_cache:invalidate_all(State#state.cache)
+    end,
     to_runner({notification, Name, Params}, State),
     State;
 handle_message(Other, State) ->
@@ -345,6 +391,13 @@ answered({{caller, From}, _Op, _Args, _Deadline}, Reply, State) ->
 answered({replay, Op, Args, _Deadline}, Reply, State) ->
     to_runner({replayed, Op, Args, Reply}, State),
     State;
+answered({ping, _, _, _}, {ok, _}, #state{feed_check = true} = State) ->
+    roster_port_cache:invalidate_all(State#state.cache),
+    roster_port_cache:set_live(State#state.cache, true),
+    ?LOG_INFO("roster-port ~ts/~B: the program reports changes made outside this "
+              "node; the read cache is on",
+              [State#state.host, State#state.index]),
+    schedule_ping(State#state{feed_check = false});
 answered({ping, _, _, _}, {ok, _}, State) ->
     schedule_ping(State);
 answered({ping, _, _, _}, {error, Err}, State) ->
@@ -364,7 +417,11 @@ hello_answered({ok, #{<<"protocol">> := Protocol} = Result}, State) ->
                       [State#state.host, State#state.index,
                        maps:get(<<"program">>, Result, <<"?">>), Protocol,
                        lists:join(<<" ">>, [K || {K, true} <- lists:sort(maps:to_list(Caps))])]),
-            replay_kept(schedule_ping(State#state{status = up}));
+            %% The new program may not have seen what the old one was
+            %% answering when it went down.
+            roster_port_cache:invalidate_all(State#state.cache),
+            State1 = check_feed(Caps, State#state{status = up}),
+            replay_kept(State1);
         false ->
             program_down({unsupported_protocol,
                           io_lib:format("protocol ~p", [Protocol])}, State)
@@ -374,6 +431,27 @@ hello_answered({error, {program, #{<<"code">> := <<"unsupported_protocol">>} = E
     program_down({unsupported_protocol, maps:get(<<"message">>, E, <<>>)}, State);
 hello_answered(Other, State) ->
     program_down({bad_hello, Other}, State).
+
+%% The feed worker pings at once: the answer proves the feed open (see the
+%% module doc). A program without notifications leaves the cache off, as it
+%% would never hear of changes made outside this node.
+check_feed(Caps, #state{feed = true, cache = Cache} = State) when Cache /= undefined ->
+    case maps:get(<<"notifications">>, Caps, false) of
+        true ->
+            case send_request(ping, <<"ping">>, #{}, now_ms() + State#state.call_timeout,
+                              State) of
+                {ok, State1} -> State1#state{feed_check = true};
+                {error, _} -> schedule_ping(State)
+            end;
+        _ ->
+            ?LOG_WARNING("roster-port ~ts/~B: the program does not report changes made "
+                         "outside this node (capabilities.notifications is not true); "
+                         "the read cache stays off",
+                         [State#state.host, State#state.index]),
+            schedule_ping(State)
+    end;
+check_feed(_Caps, State) ->
+    schedule_ping(State).
 
 %% Kept requests go out first, before any new request, so a user's
 %% operations reach the program in the order they happened.
@@ -422,6 +500,11 @@ sweep_expired([{_Id, {Kind, _, _, _}} | _], State) when Kind == hello; Kind == p
     program_down({hung, io_lib:format("no answer to ~ts within ~B ms",
                                       [Kind, State#state.call_timeout])}, State);
 sweep_expired([{Id, {_Kind, Op, Args, _}} | Rest], State) ->
+    %% When (and whether) the program will carry it out is unknown now.
+    case roster_port_cache:writes(Op, Args) of
+        true -> roster_port_cache:invalidate_all(State#state.cache);
+        false -> ok
+    end,
     ?LOG_WARNING("roster-port ~ts/~B: no answer to request ~B (~ts ~p) within ~B ms",
                  [State#state.host, State#state.index, Id, Op, Args,
                   State#state.call_timeout]),
@@ -486,6 +569,15 @@ run_handler({M, F, A}, Event) -> apply(M, F, A ++ [Event]).
 %%%===================================================================
 %%% Helpers
 %%%===================================================================
+
+invalidate_if_writes(Op, #{<<"user">> := User} = Args, #state{cache = Cache})
+  when Cache /= undefined ->
+    case roster_port_cache:writes(Op, Args) of
+        true -> roster_port_cache:invalidate(Cache, User);
+        false -> ok
+    end;
+invalidate_if_writes(_Op, _Args, _State) ->
+    ok.
 
 now_ms() ->
     erlang:monotonic_time(millisecond).

@@ -5,7 +5,11 @@ msgpack value; [0, id, op, args] in, [1, id, error, result] and
 [2, name, params] out) with real msgpack, and serves test ops:
   hello, ping          as protocol.md says (argv "--protocol N" changes the
                        protocol it claims; "--refuse" answers
-                       unsupported_protocol)
+                       unsupported_protocol); capabilities.notifications
+                       is the hello's change_feed
+  hello_args           result {"effects": [], "hello": the hello's args}
+  out_subscription {"ms"}  a writing op: answers after ms (default 0)
+                       milliseconds, in a thread
   echo                 result {"effects": [], "args": args}
   sleep {"ms"}         answers after ms milliseconds, in a thread, so later
                        requests overtake it
@@ -26,6 +30,7 @@ hanging = threading.Event()
 args = sys.argv[1:]
 protocol = int(args[args.index("--protocol") + 1]) if "--protocol" in args else 1
 refuse = "--refuse" in args
+hello_args = {}
 
 
 def write(message):
@@ -47,12 +52,22 @@ def serve(msgid, op, a):
                                  "message": "this program speaks protocol 99",
                                  "stanza_error": None})
         else:
+            hello_args.update(a)
             answer(msgid, {"protocol": protocol, "program": "fake",
-                           "capabilities": {"versioning": True}, "effects": []})
+                           "capabilities": {"versioning": True,
+                                            "notifications": bool(a.get("change_feed"))},
+                           "effects": []})
+    elif op == "hello_args":
+        answer(msgid, {"effects": [], "hello": hello_args})
     elif op == "ping":
         answer(msgid, {"effects": []})
     elif op == "echo":
         answer(msgid, {"effects": [], "args": a, "pid": os.getpid()})
+    elif op == "out_subscription":
+        def written():
+            time.sleep(a.get("ms", 0) / 1000)
+            answer(msgid, {"effects": [], "route": True})
+        threading.Thread(target=written, daemon=True).start()
     elif op == "sleep":
         def later():
             time.sleep(a["ms"] / 1000)

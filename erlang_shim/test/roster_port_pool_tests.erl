@@ -88,7 +88,7 @@ pool_test_() ->
       {"one user always goes to the same worker", fun same_worker/0}]}.
 
 echo() ->
-    ?assertEqual(#{<<"versioning">> => true}, roster_port_pool:capabilities(?HOST)),
+    ?assertMatch(#{<<"versioning">> := true}, roster_port_pool:capabilities(?HOST)),
     {ok, #{<<"args">> := Args}} = call(<<"a@x">>, <<"echo">>, #{<<"k">> => [1, nil]}),
     ?assertEqual(#{<<"k">> => [1, nil], <<"user">> => <<"a@x">>}, Args).
 
@@ -227,6 +227,96 @@ transcript_test_() ->
                         ?assert(abs(Ts - erlang:system_time(millisecond)) < 60000)
                     end)
      end}.
+
+%%% The read cache as the workers keep it: hello, liveness, invalidations.
+
+cache_test_() ->
+    {foreach, fun() -> Sup = start_pool(#{cache_size => 1000}),
+                       ok = wait_until(fun() -> roster_port_cache:is_live(cache()) end, 3000),
+                       Sup
+              end,
+     fun stop_pool/1,
+     [{"hello names the node; only worker 1 asks for the change feed", fun hello_args/0},
+      {"a write invalidates its user when sent and when answered", fun write_invalidates/0},
+      {"a notification invalidates its user before it is carried out",
+       fun notification_invalidates/0},
+      {"a program restart invalidates everything; off while the feed is down",
+       fun restart_invalidates/0}]}.
+
+cache() ->
+    roster_port_pool:cache(?HOST).
+
+%% A user served by worker I.
+user_of_worker(I) ->
+    hd([U || N <- lists:seq(1, 100),
+             U <- [<<"u", (integer_to_binary(N))/binary, "@x">>],
+             erlang:phash2(U, 2) + 1 == I]).
+
+cached(User) ->
+    roster_port_cache:store_roster(cache(), User, roster_port_cache:stamp(), [User]),
+    ?assertEqual({ok, [User]}, roster_port_cache:lookup_roster(cache(), User)).
+
+hello_args() ->
+    Node = atom_to_binary(node()),
+    {ok, #{<<"hello">> := H1}} = call(user_of_worker(1), <<"hello_args">>, #{}),
+    {ok, #{<<"hello">> := H2}} = call(user_of_worker(2), <<"hello_args">>, #{}),
+    ?assertMatch(#{<<"node">> := Node, <<"change_feed">> := true, <<"host">> := ?HOST}, H1),
+    ?assertMatch(#{<<"node">> := Node, <<"change_feed">> := false}, H2).
+
+write_invalidates() ->
+    U = user_of_worker(1),
+    Other = user_of_worker(2),
+    cached(U),
+    cached(Other),
+    Self = self(),
+    spawn_link(fun() ->
+                       Self ! {written, call(U, <<"out_subscription">>, #{<<"ms">> => 200})}
+               end),
+    timer:sleep(50),
+    %% Sent: what was read before is void already.
+    ?assertEqual(miss, roster_port_cache:lookup_roster(cache(), U)),
+    %% A read made while the write is in flight may miss it (were the
+    %% program to run requests concurrently): void once the answer is in.
+    cached(U),
+    receive {written, Reply} -> ?assertMatch({ok, _}, Reply)
+    after 2000 -> error(no_write_answer)
+    end,
+    ?assertEqual(miss, roster_port_cache:lookup_roster(cache(), U)),
+    ?assertEqual({ok, [Other]}, roster_port_cache:lookup_roster(cache(), Other)),
+    %% Reads do not invalidate (the fake program does not serve roster_get;
+    %% what counts is that the request went through the worker).
+    cached(U),
+    {error, {program, _}} = call(U, <<"roster_get">>, #{}),
+    ?assertEqual({ok, [U]}, roster_port_cache:lookup_roster(cache(), U)).
+
+notification_invalidates() ->
+    listen(),
+    cached(<<"a@x">>),
+    cached(<<"b@x">>),
+    {ok, _} = call(<<"a@x">>, <<"notify">>, #{}),
+    receive {pool_event, {notification, <<"roster_changed">>, _}} ->
+            ?assertEqual(miss, roster_port_cache:lookup_roster(cache(), <<"a@x">>))
+    after 1000 -> error(no_notification)
+    end,
+    ?assertEqual({ok, [<<"b@x">>]}, roster_port_cache:lookup_roster(cache(), <<"b@x">>)).
+
+restart_invalidates() ->
+    Feed = user_of_worker(1),
+    Other = user_of_worker(2),
+    cached(Feed),
+    cached(Other),
+    %% Not the feed worker: everything is void, the cache stays on.
+    _ = call(Other, <<"die">>, #{}),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(cache(), Feed)),
+    ?assert(roster_port_cache:is_live(cache())),
+    ok = wait_until(fun() -> all_up() end, 3000),
+    cached(Feed),
+    %% The feed worker: off until the new program's feed is open.
+    _ = call(Feed, <<"die">>, #{}),
+    ?assertNot(roster_port_cache:is_live(cache())),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(cache(), Feed)),
+    ok = wait_until(fun() -> roster_port_cache:is_live(cache()) end, 3000),
+    cached(Other).
 
 decode_stream(<<>>) -> [];
 decode_stream(Bin) ->

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -65,9 +66,15 @@ class EjabberdServer:
     pool_size: int = 2
     call_timeout_ms: int = 5000
     transcript: bool = True
+    # mod_roster_port's read cache (`cache` / `cache_size` options).
+    cache: bool = True
+    cache_size: int = 100000
     # Overrides the program's command (tests of a missing or failing program); then start()
     # does not wait for the programs' hello.
     command: str | None = None
+    # The program's [store] section (TOML, without the header), e.g. PostgreSQL shared by
+    # several servers; None: the SQLite file store_path.
+    store_section: str | None = None
     node: str = field(default_factory=lambda: f"rosterport_{secrets.token_hex(4)}")
     cookie: str = field(default_factory=lambda: secrets.token_hex(16))
     process: subprocess.Popen | None = None
@@ -96,10 +103,10 @@ class EjabberdServer:
         return self.workdir / "roster.sqlite"
 
     def roster_port_toml(self) -> str:
+        store = self.store_section or f'backend = "sqlite"\npath = "{self.store_path}"\n'
         return (
             "[store]\n"
-            'backend = "sqlite"\n'
-            f'path = "{self.store_path}"\n'
+            f"{store}"
             "\n[log]\n"
             'level = "info"\n'
             f'file = "{self.program_log_path}"\n'
@@ -133,6 +140,9 @@ access_rules:
 modules:
   mod_disco: {{}}
   mod_ping: {{}}
+  # ejabberdctl's roster commands (add_rosteritem...), which write through mod_roster's
+  # storage backend (db_type: port).
+  mod_admin_extra: {{}}
   mod_caps: {{}}
   # mod_pubsub sits on roster_in_subscription at the shim's sequence and always answers
   # true: loaded here so that the tests show the shim's answer wins.
@@ -151,6 +161,8 @@ modules:
     pool_size: {self.pool_size}
     call_timeout: {self.call_timeout_ms}
     transcript: {transcript}
+    cache: {"true" if self.cache else "false"}
+    cache_size: {self.cache_size}
 """
 
     def write_config(self) -> None:
@@ -236,6 +248,39 @@ modules:
         if result.returncode != 0:
             raise RuntimeError(f"rpc failed: {result.stderr.strip() or result.stdout.strip()}")
         return result.stdout
+
+    def wait_for_log(self, text: str, count: int = 1, offset: int = 0,
+                     timeout: float = 15.0) -> None:
+        """Waits until ejabberd's log has `text` at least `count` times after byte `offset`."""
+        deadline = time.monotonic() + timeout
+        while self._log_count(text, offset) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged {count} times within {timeout} s")
+            time.sleep(0.05)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def program_pids(self) -> list[int]:
+        """OS pids of the roster-port programs serving this server."""
+        config = str(self.workdir / "roster-port.toml")
+        out = subprocess.run(["pgrep", "-f", f"serve --config {config}"],
+                             capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def store_execute(self, sql: str, params: tuple = ()) -> None:
+        """Changes the store behind ejabberd's back, as another application would: plain
+        SQL on the SQLite file, in a transaction of its own."""
+        with sqlite3.connect(self.store_path, timeout=10) as db:
+            db.execute(sql, params)
+        db.close()
+
+    def store_query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        db = sqlite3.connect(self.store_path, timeout=10)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
 
     def register(self, *users: str, password: str = "secret") -> None:
         """Creates accounts (all in one rpc: starting an Erlang node costs about a second)."""

@@ -1,0 +1,293 @@
+%%% @doc The shim's cache of roster reads, per host: exact or absent.
+%%%
+%%% roster_get_jid_info runs for every presence probe, caps, MAM, privacy and
+%%% pubsub decision; a round trip to the program costs ~55 us, an ETS lookup
+%%% ~1 us. So the answers of `roster_get` (per user) and of jid_info (per
+%%% user and contact, loaded from the user's whole roster at once) are kept
+%%% in a public ETS table. The program stays the only source of truth: an
+%%% entry is used only when nothing can have changed the user's roster since
+%%% the read that produced it was sent.
+%%%
+%%% How exactness is kept. Every read and every invalidation takes a stamp
+%%% from erlang:unique_integer([positive, monotonic]), strictly increasing on
+%%% the node.
+%%%   - A reader takes its stamp T0 *before* its request is sent, and stores
+%%%     the answer under T0.
+%%%   - Invalidating user U writes U's record `{{user, U}, Stamp, none}`: an
+%%%     entry of U is valid only if its stamp is above that record's stamp,
+%%%     so a read sent before the invalidation can never be used after it,
+%%%     whenever its answer comes back (rule (d) of the design).
+%%%   - Invalidating everything moves the `floor` (an atomic, outside the
+%%%     table) to a new stamp and then empties the table
+%%%     (ets:delete_all_objects/1 is atomic): entries stamped below the floor
+%%%     are never used, including those stored late by reads in flight.
+%%%   - Lookups read the entry first and the user's record and the floor
+%%%     after it, so an invalidation that completed before the entry was
+%%%     read is always seen.
+%%%   - The cache answers only while it is `live`: while the program process
+%%%     that reports changes made outside this node (the change feed) is
+%%%     known to be running. The worker of that process turns it off when its
+%%%     program goes down and on (after invalidating everything) once the
+%%%     new program's feed is known to be open.
+%%% Who invalidates what is decided by roster_port_worker, which sees every
+%%% request and answer: a writing request's user before it is sent and when
+%%% its answer (or its deadline) comes; a roster_changed notification's
+%%% user; everything on a program restart or a lost answer.
+%%%
+%%% Records in the table:
+%%%   {{user, U}, InvalidatedAt, JidInfoLoad}  JidInfoLoad: the stamp of the
+%%%                                   roster load jid_info answers come from,
+%%%                                   or none
+%%%   {{roster, U}, ReadAt, Items}     the roster_get answer (any term)
+%%%   {{contact, U, C}, LoadedAt, Info} one contact of a loaded roster
+%%% A contact absent under a valid load is not in U's store: {none, none, []}.
+%%% A contact record from another load (a reload raced with this one, or the
+%%% contact was removed since) is `unknown`: the caller asks the program.
+%%%
+%%% Bound: when storing would take the table over `max` records, the whole
+%%% table is emptied (an invalidation of everything) and the storing read is
+%%% not kept. Crude, and simple to reason about; with max above the number
+%%% of active users' roster items it does not happen.
+%%%
+%%% Nothing here knows ejabberd. A cache handle `undefined` (cache off) makes
+%%% every lookup a miss and every other call a no-op; so does a table that
+%%% is gone (its owner, the pool's supervisor, is stopping).
+-module(roster_port_cache).
+
+-export([handle/2, create_table/1, new/2, stamp/0, writes/2,
+         lookup_roster/2, store_roster/4,
+         lookup_jid_info/3, store_jid_info/4,
+         invalidate/2, invalidate_all/1, set_live/2, is_live/1, records/1]).
+
+-export_type([cache/0]).
+
+-type cache() :: undefined
+               | #{table := atom(), flags := atomics:atomics_ref(), max := pos_integer()}.
+-type stamp() :: pos_integer().
+
+%% Slots of the flags atomics.
+-define(FLOOR, 1).
+-define(LIVE, 2).
+
+%%%===================================================================
+%%% Creation
+%%%===================================================================
+
+%% @doc A handle for a table that create_table/1 creates later (by the
+%% process that will own it). The cache is not live until set_live/2.
+-spec handle(atom(), pos_integer()) -> cache().
+handle(Table, Max) ->
+    #{table => Table, flags => atomics:new(2, [{signed, true}]), max => Max}.
+
+%% @doc Creates the named table; the calling process owns it.
+-spec create_table(cache()) -> ok.
+create_table(undefined) ->
+    ok;
+create_table(#{table := Table}) ->
+    Table = ets:new(Table, [named_table, public, set, {read_concurrency, true},
+                           {write_concurrency, true}]),
+    ok.
+
+%% @doc handle/2 and create_table/1 at once (tests).
+-spec new(atom(), pos_integer()) -> cache().
+new(Table, Max) ->
+    Cache = handle(Table, Max),
+    ok = create_table(Cache),
+    Cache.
+
+-spec stamp() -> stamp().
+stamp() ->
+    erlang:unique_integer([positive, monotonic]).
+
+%% @doc Whether a request can change the roster of its user (protocol.md's
+%% operations; an op this module does not know is taken as a write).
+-spec writes(binary(), map()) -> boolean().
+writes(<<"roster_iq">>, #{<<"type">> := <<"get">>}) -> false;
+writes(Op, _Args) ->
+    not lists:member(Op, [<<"hello">>, <<"ping">>, <<"roster_get">>, <<"jid_info">>,
+                          <<"pending_in">>, <<"store_get_roster">>, <<"store_get_item">>,
+                          <<"store_read_version">>]).
+
+%%%===================================================================
+%%% roster_get answers
+%%%===================================================================
+
+-spec lookup_roster(cache(), binary()) -> {ok, term()} | miss.
+lookup_roster(undefined, _User) ->
+    miss;
+lookup_roster(#{table := T} = Cache, User) ->
+    try ets:lookup(T, {roster, User}) of
+        [{_, ReadAt, Items}] ->
+            case ReadAt > invalidated_at(T, User) andalso usable(ReadAt, Cache) of
+                true -> {ok, Items};
+                false -> miss
+            end;
+        [] ->
+            miss
+    catch error:badarg ->
+            miss
+    end.
+
+%% @doc Keeps the answer of a roster_get sent after ReadAt was taken.
+-spec store_roster(cache(), binary(), stamp(), term()) -> ok.
+store_roster(undefined, _User, _ReadAt, _Items) ->
+    ok;
+store_roster(#{table := T} = Cache, User, ReadAt, Items) ->
+    safely(fun() ->
+                   storable(ReadAt, User, Cache) andalso make_room(1, Cache)
+                       andalso ets:insert(T, {{roster, User}, ReadAt, Items})
+           end).
+
+%%%===================================================================
+%%% jid_info answers
+%%%===================================================================
+
+%% @doc Contact is the key the entries were stored under (the caller
+%% normalises it the same way both times).
+%% `off`: the cache does not answer now (ask the program for this contact);
+%% `not_loaded`: the user's roster is not loaded (load it, then store it).
+-spec lookup_jid_info(cache(), binary(), term()) ->
+          {ok, term()} | off | not_loaded | unknown.
+lookup_jid_info(undefined, _User, _Contact) ->
+    off;
+lookup_jid_info(#{table := T} = Cache, User, Contact) ->
+    try is_live(Cache) andalso ets:lookup(T, {user, User}) of
+        false ->
+            off;
+        [{_, _, Load}] when is_integer(Load) ->
+            Record = ets:lookup(T, {contact, User, Contact}),
+            case usable(Load, Cache) of
+                false -> not_loaded;
+                true ->
+                    case Record of
+                        [{_, Load, Info}] -> {ok, Info};
+                        [] -> {ok, absent};
+                        [_FromAnotherLoad] -> unknown
+                    end
+            end;
+        _ ->
+            not_loaded
+    catch error:badarg ->
+            off
+    end.
+
+%% @doc Keeps a whole roster for jid_info: Entries are {Contact, Info}, every
+%% row of the user's store (a contact not in it is absent). Loaded from a
+%% request sent after LoadedAt was taken.
+-spec store_jid_info(cache(), binary(), stamp(), [{term(), term()}]) -> ok.
+store_jid_info(undefined, _User, _LoadedAt, _Entries) ->
+    ok;
+store_jid_info(#{table := T} = Cache, User, LoadedAt, Entries) ->
+    safely(
+      fun() ->
+              storable(LoadedAt, User, Cache)
+                  %% Not over a newer load's contacts (were it to happen in a
+                  %% race, those would read as `unknown`, never wrong).
+                  andalso not newer_load(T, User, LoadedAt)
+                  andalso make_room(length(Entries) + 1, Cache)
+                  andalso ets:insert(T, [{{contact, User, C}, LoadedAt, Info}
+                                         || {C, Info} <- Entries])
+                  andalso install_load(T, User, LoadedAt)
+      end).
+
+%% The contacts are in; now point the user's record at this load, unless the
+%% user was invalidated since LoadedAt or a newer load is installed. Atomic:
+%% ets:select_replace/2 checks and writes the one record in one step.
+install_load(T, User, LoadedAt) ->
+    Key = {user, User},
+    Spec = [{{Key, '$1', '$2'},
+             [{'<', '$1', LoadedAt}, {'orelse', {'==', '$2', none}, {'<', '$2', LoadedAt}}],
+             [{{{const, Key}, '$1', LoadedAt}}]}],
+    ets:select_replace(T, Spec) == 1
+        %% No record yet (never invalidated, or emptied since: then the
+        %% floor is above LoadedAt and the load is never used).
+        orelse ets:insert_new(T, {Key, 0, LoadedAt})
+        orelse ets:select_replace(T, Spec) == 1.
+
+%%%===================================================================
+%%% Invalidation
+%%%===================================================================
+
+%% @doc Nothing read about User before now is used any more.
+-spec invalidate(cache(), binary()) -> ok.
+invalidate(undefined, _User) ->
+    ok;
+invalidate(#{table := T}, User) ->
+    safely(fun() ->
+                   ets:insert(T, {{user, User}, stamp(), none}),
+                   %% Only to free memory: the record above already voids it.
+                   ets:delete(T, {roster, User})
+           end).
+
+%% @doc Nothing read before now is used any more.
+-spec invalidate_all(cache()) -> ok.
+invalidate_all(undefined) ->
+    ok;
+invalidate_all(#{table := T, flags := Flags}) ->
+    %% The floor first: records stored while the table is emptied, by reads
+    %% sent before, are under it.
+    atomics:put(Flags, ?FLOOR, stamp()),
+    safely(fun() -> ets:delete_all_objects(T) end).
+
+%% @doc Turns answering from the cache on or off. Turning it on must follow
+%% an invalidate_all/1 made once changes are reported again.
+-spec set_live(cache(), boolean()) -> ok.
+set_live(undefined, _) ->
+    ok;
+set_live(#{flags := Flags}, Live) ->
+    atomics:put(Flags, ?LIVE, case Live of true -> 1; false -> 0 end).
+
+-spec is_live(cache()) -> boolean().
+is_live(undefined) -> false;
+is_live(#{flags := Flags}) -> atomics:get(Flags, ?LIVE) == 1.
+
+%% @doc Records in the table (0 when there is none).
+-spec records(cache()) -> non_neg_integer().
+records(undefined) -> 0;
+records(#{table := T}) ->
+    case ets:info(T, size) of
+        undefined -> 0;
+        N -> N
+    end.
+
+%%%===================================================================
+%%% Internal
+%%%===================================================================
+
+invalidated_at(T, User) ->
+    case ets:lookup(T, {user, User}) of
+        [{_, At, _}] -> At;
+        [] -> 0
+    end.
+
+newer_load(T, User, LoadedAt) ->
+    case ets:lookup(T, {user, User}) of
+        [{_, _, Load}] when is_integer(Load) -> Load > LoadedAt;
+        _ -> false
+    end.
+
+%% Read after the entry and the user's record: see the module doc.
+usable(Stamp, #{flags := Flags}) ->
+    Stamp > atomics:get(Flags, ?FLOOR) andalso atomics:get(Flags, ?LIVE) == 1.
+
+%% Storing what cannot be used would only take room.
+storable(ReadAt, User, #{table := T} = Cache) ->
+    usable(ReadAt, Cache) andalso ReadAt > invalidated_at(T, User).
+
+make_room(N, #{max := Max}) when N > Max ->
+    false;
+make_room(N, #{table := T, max := Max} = Cache) ->
+    case ets:info(T, size) + N > Max of
+        true ->
+            invalidate_all(Cache),
+            false;
+        false ->
+            true
+    end.
+
+safely(Fun) ->
+    try Fun() of
+        _ -> ok
+    catch error:badarg ->
+            ok
+    end.
