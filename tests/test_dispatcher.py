@@ -340,3 +340,10 @@ def test_store_operations_write_what_the_admin_says(session):
     assert deleted["effects"][0]["item"]["subscription"] == "remove"
     session.ok("store_remove_user", {"user": ALICE})
     assert session.ok("store_get_roster", {"user": ALICE})["items"] == []
+
+
+def test_remove_user_leaves_a_read_only_roster_alone(store):
+    Session(store, Rules()).set(ALICE, {"jid": BOB, "name": "Bob"})
+    session = session_with(store, read_only=True)
+    assert session.ok("remove_user", {"user": ALICE}) == {"effects": []}
+    assert [item["jid"] for item in session.get(ALICE)["items"]] == [BOB]

@@ -12,6 +12,8 @@ import slixmpp
 
 from ejabberd_harness import EjabberdServer
 
+from roster_port.replay import read_transcript
+
 pytestmark = pytest.mark.e2e
 
 
@@ -78,17 +80,39 @@ def test_no_program_gives_safe_answers_at_once(tmp_path: Path):
 
 
 def test_stranger_subscribed_is_not_delivered_despite_mod_pubsub(ejabberd, users, connect):
-    """mod_pubsub answers true on roster_in_subscription; the program's deliver=false wins."""
+    """mod_pubsub answers true on roster_in_subscription; the program's deliver=false wins.
+
+    Bob's own server would keep his `subscribed` (a pre-approval, never routed), so it is
+    routed inside ejabberd as a server without pre-approval would send it: it does reach
+    Alice's roster_in_subscription hook, where the program answers "do not deliver".
+    """
     alice_jid, bob_jid = users("alice", "bob")
 
     async def scenario():
         alice = await connect(alice_jid)
         bob = await connect(bob_jid)
-        bob.send_subscription(alice_jid, "subscribed")      # Alice asked nothing
+        xml = f"<presence xmlns='jabber:client' from='{bob_jid}' to='{alice_jid}' type='subscribed'/>"
+        ejabberd.rpc(                                        # Alice asked nothing
+            f'El = rpc:call(Node, fxml_stream, parse_element, [<<"{xml}">>]), '
+            "Pkt = rpc:call(Node, xmpp, decode, [El]), "
+            "ok = rpc:call(Node, ejabberd_router, route, [Pkt])"
+        )
         bob.send_subscription(alice_jid, "subscribe")       # a marker that is delivered
         await alice.wait_for(lambda c: c.presences_from(bob_jid, "subscribe"))
         assert alice.presences_from(bob_jid, "subscribed") == []
         assert (await alice.roster_get()).items == {}        # a stranger's request is no item
+        # The hook did run, and the program did say no: the shim's answer won over mod_pubsub's.
+        answers = {
+            (entry.worker, entry.message[1]): entry.message for entry in read_transcript(ejabberd.transcript_path)
+            if entry.direction == "out" and entry.message[0] == 1
+        }
+        asked = [
+            (entry.worker, entry.message[1]) for entry in read_transcript(ejabberd.transcript_path)
+            if entry.direction == "in" and entry.message[2] == "in_subscription"
+            and entry.message[3]["user"] == alice_jid and entry.message[3]["type"] == "subscribed"
+        ]
+        assert len(asked) == 1
+        assert answers[asked[0]][3]["deliver"] is False
 
     asyncio.run(scenario())
 
