@@ -7,8 +7,10 @@ Each test works in a fresh schema of the session's server (tests/pg_cluster.py).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import queue
+import selectors
 import threading
 import time
 
@@ -16,8 +18,9 @@ import psycopg
 import pytest
 
 from roster_port.config import Config, ConfigError
-from roster_port.store.base import RosterRow, StoreError, StoreUnavailable
+from roster_port.store.base import OutsideChange, RosterRow, StoreError, StoreUnavailable
 from roster_port.store import factory
+from roster_port.store.pg_changes import install_change_log
 from roster_port.store.postgres import MIGRATIONS, NOTIFY_CHANNEL, PostgresStore
 
 pytestmark = pytest.mark.postgres
@@ -216,7 +219,9 @@ def test_a_truncate_moves_every_version_and_notifies_anyone(open_store, dsn):
     alice_before, bob_before = version(store, ALICE), version(store, BOB)
     with listen(dsn) as listener:
         outside_sql(dsn, "TRUNCATE roster_items")
-        assert received(listener) == [(NOTIFY_CHANNEL, "")]
+        # "" for anyone's, and the users whose rows the change log logged as deleted.
+        assert sorted(received(listener)) == [(NOTIFY_CHANNEL, ""), (NOTIFY_CHANNEL, ALICE),
+                                              (NOTIFY_CHANNEL, BOB)]
     assert version(store, ALICE) != alice_before
     assert version(store, BOB) != bob_before
 
@@ -416,3 +421,189 @@ def test_the_factory_refuses_bad_options_clearly(options, message):
     with pytest.raises(ConfigError, match=message) as raised:
         factory.open_store(Config(store={"backend": "postgres", **options}))
     assert "unterminated" not in str(raised.value)  # never echo a piece of the DSN
+
+
+# --- The change log and its feed (pg_changes.py) --------------------------------------------
+
+
+def feed_reads(feed, *, until: int = 1, timeout: float = 2.0) -> list[OutsideChange]:
+    """What `feed` reports, as server.py reads it (woken by its fileno), until `until` changes
+    came or `timeout` passed."""
+    changes: list[OutsideChange] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(feed.fileno(), selectors.EVENT_READ)
+        while len(changes) < until and (remaining := deadline - time.monotonic()) > 0:
+            if selector.select(remaining):
+                changes += feed.read()
+    return changes
+
+
+def quiet(feed, wait: float = 0.3) -> list[OutsideChange]:
+    """Whatever the feed reports within `wait` (expected: nothing)."""
+    return feed_reads(feed, until=1, timeout=wait)
+
+
+@pytest.fixture
+def feed_of(open_store):
+    feeds = []
+
+    def open_(store: PostgresStore):
+        feed = store.open_change_feed()
+        feeds.append(feed)
+        return feed
+
+    yield open_
+    for feed in feeds:
+        feed.close()
+
+
+def test_the_feed_reports_outside_writes_and_never_its_own_origins(open_store, feed_of, dsn):
+    store = open_store()
+    store.origin = "ejabberd@a"
+    put(store, ALICE, RosterRow("bob@example.com", subscription="to"))
+    feed = feed_of(store)
+    assert quiet(feed) == []  # what was there before it opened is not news
+    put(store, ALICE, RosterRow("bob@example.com", subscription="both"))  # our own write
+    outside_sql(dsn, "INSERT INTO roster_items (username, contact, subscription) "
+                     "VALUES (%s, %s, 'from')", (ALICE, "carol@example.com"))
+    outside_sql(dsn, "UPDATE roster_items SET subscription = 'none' WHERE contact = %s",
+                ("bob@example.com",))
+    outside_sql(dsn, "DELETE FROM roster_items WHERE contact = %s", ("carol@example.com",))
+    assert feed_reads(feed, until=3) == [
+        OutsideChange(ALICE, "carol@example.com", None, "from"),
+        OutsideChange(ALICE, "bob@example.com", "both", "none"),
+        OutsideChange(ALICE, "carol@example.com", "from", None),
+    ]
+    assert quiet(feed) == []  # each once
+
+
+def test_another_nodes_writes_are_reported_and_the_origin_is_transaction_local(
+        open_store, feed_of, dsn):
+    node_a, node_b = open_store(), open_store(pool_min=1, pool_max=1)
+    node_a.origin, node_b.origin = "ejabberd@a", "ejabberd@b"
+    feed_a = feed_of(node_a)
+    put(node_b, ALICE, RosterRow("bob@example.com"))
+    assert feed_reads(feed_a) == [OutsideChange(ALICE, "bob@example.com", None, "none")]
+    # node_b's only connection goes back to the pool: the next writer, in plain SQL on it,
+    # is not stamped (SET LOCAL ended with the transaction).
+    with node_b._pool.connection() as connection:
+        connection.execute("INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                           (BOB, "x@example.com"))
+    assert feed_reads(feed_a) == [OutsideChange(BOB, "x@example.com", None, "none")]
+    with psycopg.connect(dsn) as connection:
+        origins = connection.execute(
+            "SELECT contact, origin FROM roster_port_changes ORDER BY id").fetchall()
+    assert origins == [("bob@example.com", "ejabberd@b"), ("x@example.com", None)]
+
+
+def test_an_entry_whose_transaction_commits_after_a_later_one_was_read_is_reported(
+        open_store, feed_of, dsn):
+    # Ids come from a sequence at INSERT, not at COMMIT: "id > last id read" would skip `early`.
+    feed = feed_of(open_store())
+    with psycopg.connect(dsn) as early, psycopg.connect(dsn) as late:
+        early.execute("INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                      (ALICE, "early@example.com"))
+        late.execute("INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                     (BOB, "late@example.com"))
+        late.commit()
+        assert feed_reads(feed) == [OutsideChange(BOB, "late@example.com", None, "none")]
+        early.commit()
+        assert feed_reads(feed) == [OutsideChange(ALICE, "early@example.com", None, "none")]
+    with psycopg.connect(dsn) as connection:
+        ids = dict(connection.execute("SELECT contact, id FROM roster_port_changes").fetchall())
+    assert ids["early@example.com"] < ids["late@example.com"]  # the case this test is about
+    assert quiet(feed) == []
+
+
+def test_a_row_moved_and_a_truncate_are_logged_as_removals_and_additions(open_store, feed_of,
+                                                                          dsn):
+    store = open_store()
+    put(store, ALICE, RosterRow("a@example.com", subscription="both"))
+    feed = feed_of(store)
+    outside_sql(dsn, "UPDATE roster_items SET username = %s", (BOB,))
+    assert feed_reads(feed, until=2) == [OutsideChange(ALICE, "a@example.com", "both", None),
+                                         OutsideChange(BOB, "a@example.com", None, "both")]
+    outside_sql(dsn, "TRUNCATE roster_items")
+    assert feed_reads(feed) == [OutsideChange(BOB, "a@example.com", "both", None)]
+
+
+def test_an_operators_own_trigger_feeds_the_change_log(open_store, feed_of, dsn):
+    # The SQL of docs/changes.md, on a table of the operator's own.
+    feed = feed_of(open_store())
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        install_change_log(connection)  # again: idempotent
+        connection.execute(DOCS_FRIENDSHIPS_SQL)
+        connection.execute("INSERT INTO friendships VALUES ('alice@example.com', "
+                           "'bob@example.com', 'both')")
+        connection.execute("DELETE FROM friendships")
+    assert feed_reads(feed, until=2) == [OutsideChange(ALICE, BOB, None, "both"),
+                                         OutsideChange(ALICE, BOB, "both", None)]
+
+
+DOCS_FRIENDSHIPS_SQL = """
+CREATE TABLE friendships (owner text, friend text, state text);
+
+CREATE FUNCTION friendships_log_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        PERFORM roster_port_log_change(OLD.owner, OLD.friend, OLD.state, NULL);
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        PERFORM roster_port_log_change(NEW.owner, NEW.friend, NULL, NEW.state);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER friendships_log_change AFTER INSERT OR UPDATE OR DELETE ON friendships
+FOR EACH ROW EXECUTE FUNCTION friendships_log_change();
+"""
+
+
+def test_the_feed_prunes_entries_older_than_a_day(open_store, feed_of, dsn):
+    store = open_store()
+    feed = feed_of(store)
+    outside_sql(dsn, "INSERT INTO roster_port_changes (username, contact, recorded_at) "
+                     "VALUES ('old@example.com', 'x@example.com', now() - interval '25 hours')")
+    outside_sql(dsn, "INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                (ALICE, "new@example.com"))
+    feed._next_prune = 0  # due
+    assert feed_reads(feed, until=2) == [
+        OutsideChange("old@example.com", "x@example.com", None, None),
+        OutsideChange(ALICE, "new@example.com", None, "none")]
+    with psycopg.connect(dsn) as connection:
+        left = connection.execute("SELECT username FROM roster_port_changes").fetchall()
+    assert left == [(ALICE,)]
+
+
+def test_a_feed_whose_session_is_cut_reconnects_and_reports_what_was_logged_meanwhile(
+        open_store, feed_of, dsn, caplog):
+    caplog.set_level(logging.INFO, logger="roster_port.store.pg_changes")
+    feed = feed_of(open_store())
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'roster-port feed'")
+        # Written before the feed finds out: its notification goes to no one.
+        admin.execute("INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                      (ALICE, "meanwhile@example.com"))
+    assert feed_reads(feed, timeout=5) == [
+        OutsideChange(ALICE, "meanwhile@example.com", None, "none")]
+    assert "reconnected" in caplog.text
+    outside_sql(dsn, "INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                (ALICE, "after@example.com"))
+    assert feed_reads(feed) == [OutsideChange(ALICE, "after@example.com", None, "none")]
+
+
+def test_a_feed_survives_a_server_restart_and_reads_on(open_store, feed_of, dsn, cluster):
+    feed = feed_of(open_store())
+    cluster.stop()
+    try:
+        # Woken by the broken connection; read() never raises, and reports nothing yet.
+        assert feed_reads(feed, timeout=1.5) == []
+    finally:
+        cluster.start()
+    outside_sql(dsn, "INSERT INTO roster_items (username, contact) VALUES (%s, %s)",
+                (ALICE, "after-restart@example.com"))
+    assert feed_reads(feed, timeout=10) == [
+        OutsideChange(ALICE, "after-restart@example.com", None, "none")]

@@ -3,6 +3,7 @@ SQLite does not need the PostgreSQL driver installed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
@@ -24,12 +25,14 @@ def _sqlite(options: dict[str, Any]) -> RosterStore:
     return SQLiteStore(path, busy_timeout_ms=busy_timeout_ms)
 
 
-def _postgres(options: dict[str, Any]) -> RosterStore:
-    from .postgres import PostgresStore, dsn_without_password
+def _postgres_connection_options(options: dict[str, Any], backend: str,
+                                 extra_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The options every PostgreSQL backend shares, checked: dsn, pool size, connect timeout."""
+    from .postgres import dsn_without_password
 
-    unknown = set(options) - {"backend", "dsn", "pool_min", "pool_max", "connect_timeout_s"}
+    unknown = set(options) - {"backend", "dsn", "pool_min", "pool_max", "connect_timeout_s"} - extra_keys
     if unknown:
-        raise ConfigError(f"[store] for postgres: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"[store] for {backend}: unknown keys {sorted(unknown)}")
     dsn = options.get("dsn")
     if not isinstance(dsn, str) or not dsn:
         raise ConfigError(
@@ -51,11 +54,44 @@ def _postgres(options: dict[str, Any]) -> RosterStore:
     connect_timeout_s = options.get("connect_timeout_s", 2.0)
     if type(connect_timeout_s) not in (int, float) or not connect_timeout_s > 0:
         raise ConfigError("[store].connect_timeout_s must be a positive number of seconds")
-    return PostgresStore(dsn, pool_min=pool_min, pool_max=pool_max,
-                         connect_timeout_s=float(connect_timeout_s))
+    return {"dsn": dsn, "pool_min": pool_min, "pool_max": pool_max,
+            "connect_timeout_s": float(connect_timeout_s)}
 
 
-BACKENDS = {"sqlite": _sqlite, "postgres": _postgres}
+def _postgres(options: dict[str, Any]) -> RosterStore:
+    from .postgres import PostgresStore
+
+    checked = _postgres_connection_options(options, "postgres")
+    return PostgresStore(checked.pop("dsn"), **checked)
+
+
+def _postgres_mapped(options: dict[str, Any], config: Config) -> RosterStore:
+    """The operator's own tables through a mapping (roster_port/store/mapped.py)."""
+    from .mapped import MappedPostgresStore, MappingError, load_mapping
+
+    checked = _postgres_connection_options(options, "postgres_mapped",
+                                           frozenset({"mapping", "lock_timeout_ms"}))
+    if "mapping" not in options:
+        raise ConfigError("[store].mapping must name the mapping: a packaged one (\"ejabberd\"), "
+                          "a file (relative to the configuration), or an inline [store.mapping]")
+    lock_timeout_ms = options.get("lock_timeout_ms", 2000)
+    if type(lock_timeout_ms) is not int or lock_timeout_ms < 1:
+        raise ConfigError("[store].lock_timeout_ms must be a positive integer")
+    base_dir = Path(config.source).parent if Path(config.source).is_file() else None
+    try:
+        mapping = load_mapping(options["mapping"], base_dir)
+        # [roster].read_only: the roster logic refuses changes with clear XMPP errors; a
+        # mapping without write statements is accepted only then (and the store is read-only).
+        return MappedPostgresStore(checked.pop("dsn"), mapping=mapping,
+                                   read_only=config.roster.read_only and not mapping.writable,
+                                   lock_timeout_ms=lock_timeout_ms, **checked)
+    except MappingError as exc:
+        raise ConfigError(f"[store].mapping: {exc}") from None
+
+
+BACKENDS = {"sqlite": _sqlite, "postgres": _postgres, "postgres_mapped": _postgres_mapped}
+# Openers that also need the rest of the configuration (its file's directory, [roster]).
+_WANT_CONFIG = {"postgres_mapped"}
 
 
 def open_store(config: Config) -> RosterStore:
@@ -65,4 +101,6 @@ def open_store(config: Config) -> RosterStore:
         raise ConfigError(f"[store].backend {backend!r} is not one of {sorted(BACKENDS)}")
     # [roster].read_only is enforced by the roster logic, which answers clear XMPP errors;
     # the store itself stays writable so that a refusal never turns into a storage error.
+    if backend in _WANT_CONFIG:
+        return opener(config.store, config)
     return opener(config.store)

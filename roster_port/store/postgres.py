@@ -25,10 +25,12 @@ COMMIT, so an idle pooled connection never holds a transaction.
   is gone. A user never written has no counter, or a counter of 0: version "0".
 - The same trigger runs `pg_notify('roster_port_changes', <username>)` (`NOTIFY_CHANNEL`), so a
   process that LISTENs on the channel learns, at commit, whose roster changed, including changes
-  made outside XMPP; a TRUNCATE notifies an empty payload, meaning "anyone's". (Nothing listens
-  yet. A listener must use a connection of its own outside the pool, and treat the channel as a
-  hint: notifications sent while it was disconnected are lost, so after reconnecting it compares
-  versions.)
+  made outside XMPP; a TRUNCATE notifies an empty payload, meaning "anyone's".
+- Every change of a row is also logged in `roster_port_changes` by other triggers (migration 4,
+  through `roster_port_log_change()`, see pg_changes.py), and each write transaction stamps its
+  entries with the store's `origin` (`set_origin()`, transaction-local) right after taking the
+  user's lock. `open_change_feed()` returns a `PostgresChangeFeed`: a connection of its own,
+  outside the pool, LISTENing on the channel and reading the entries of every other origin.
 - Rows are ordered by contact in code point order: `username` and `contact` are
   `COLLATE "C"` (byte order of UTF-8, which is code point order), whatever the database's
   locale, and the primary key (username, contact) returns a roster in that order.
@@ -79,12 +81,15 @@ from psycopg.pq import TransactionStatus
 
 from roster_port.store.base import (
     SUBSCRIPTIONS,
+    DEFAULT_ORIGIN,
+    ChangeFeed,
     RosterRow,
     RosterStore,
     RosterTxn,
     StoreError,
     StoreUnavailable,
 )
+from roster_port.store.pg_changes import CHANNEL, PostgresChangeFeed, install_change_log, set_origin
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ _pool_log = logging.getLogger("psycopg.pool")
 if _pool_log.level == logging.NOTSET:
     _pool_log.setLevel(logging.WARNING)
 
-NOTIFY_CHANNEL = "roster_port_changes"
+NOTIFY_CHANNEL = CHANNEL  # pg_changes.py owns it: the change log notifies on it too
 
 # pg_advisory_xact_lock key held while migrating: "roster_p" in ASCII, as a (positive) bigint.
 MIGRATION_LOCK_KEY = int.from_bytes(b"roster_p", "big")
@@ -250,6 +255,60 @@ def _create_version_triggers(connection: psycopg.Connection, schema: sql.Identif
     """)
 
 
+@_migration(4, "change_log")
+def _create_change_log(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    # Every change of a row, by anyone, is logged (pg_changes.py): the program stamps the
+    # entries of its own transactions with its origin (set_origin in _begin), other
+    # applications' have none, and PostgresChangeFeed reports those not of its own node.
+    install_change_log(connection, schema)
+    connection.execute(sql.SQL("""
+        CREATE FUNCTION roster_items_log_changes() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = {schema} AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                PERFORM roster_port_log_change(NEW.username, NEW.contact, NULL,
+                                               NEW.subscription);
+            ELSIF TG_OP = 'DELETE' THEN
+                PERFORM roster_port_log_change(OLD.username, OLD.contact, OLD.subscription,
+                                               NULL);
+            ELSIF NEW.username IS DISTINCT FROM OLD.username
+                  OR NEW.contact IS DISTINCT FROM OLD.contact THEN
+                -- A row moved to another user or contact: one gone, another one new.
+                PERFORM roster_port_log_change(OLD.username, OLD.contact, OLD.subscription,
+                                               NULL);
+                PERFORM roster_port_log_change(NEW.username, NEW.contact, NULL,
+                                               NEW.subscription);
+            ELSE
+                PERFORM roster_port_log_change(OLD.username, OLD.contact, OLD.subscription,
+                                               NEW.subscription);
+            END IF;
+            RETURN NULL;
+        END
+        $$
+    """).format(schema=schema))
+    connection.execute("""
+        CREATE TRIGGER roster_items_log_changes
+        AFTER INSERT OR UPDATE OR DELETE ON roster_items
+        FOR EACH ROW EXECUTE FUNCTION roster_items_log_changes()
+    """)
+    # TRUNCATE fires no row trigger: log every row as deleted before they go.
+    connection.execute(sql.SQL("""
+        CREATE FUNCTION roster_items_log_truncate() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = {schema} AS $$
+        BEGIN
+            PERFORM roster_port_log_change(username, contact, subscription, NULL)
+            FROM roster_items;
+            RETURN NULL;
+        END
+        $$
+    """).format(schema=schema))
+    connection.execute("""
+        CREATE TRIGGER roster_items_log_truncate
+        BEFORE TRUNCATE ON roster_items
+        FOR EACH STATEMENT EXECUTE FUNCTION roster_items_log_truncate()
+    """)
+
+
 # --- Errors ---------------------------------------------------------------------------------
 
 # Besides OperationalError (connection failures, lock and statement timeouts, shutdowns): the
@@ -399,7 +458,10 @@ class PostgresStore(RosterStore):
         self.connect_timeout_s = connect_timeout_s
         self.lock_timeout_ms = lock_timeout_ms
         self.read_only = read_only
+        self.origin = DEFAULT_ORIGIN
         self.dsn_shown = dsn_without_password(dsn)
+        self._dsn = dsn  # for the change feed's own connection; never shown
+        self._dsn_parameters = dsn_parameters
         self._closed = False
         self._scopes_in_thread = threading.local()
         self._pool = psycopg_pool.ConnectionPool(
@@ -439,6 +501,16 @@ class PostgresStore(RosterStore):
     def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
         return self._scope(user, _BEGIN_SNAPSHOT, lock_user=False,
                            refuse_writes_because="a snapshot is read-only; use transaction()")
+
+    def open_change_feed(self) -> ChangeFeed:
+        """Changes not stamped with this store's origin, from the feed's own connection."""
+        options = self._connection_options(self._dsn_parameters)
+        options.pop("autocommit", None)
+        if "application_name" in options:  # ours, not the DSN's
+            options["application_name"] = "roster-port feed"
+        return PostgresChangeFeed(self._dsn, origin=self.origin, dsn_shown=self.dsn_shown,
+                                  connect_timeout_s=self.connect_timeout_s,
+                                  connection_options=options)
 
     def describe(self) -> str:
         access = "read-only" if self.read_only else "read-write"
@@ -515,6 +587,8 @@ class PostgresStore(RosterStore):
                         "ON CONFLICT (username) DO NOTHING", (user,))
                     connection.execute(
                         "SELECT 1 FROM roster_versions WHERE username = %s FOR UPDATE", (user,))
+                    # The change-log entries of this transaction's writes carry our origin.
+                    set_origin(connection, self.origin)
             except BaseException:
                 self._rollback(connection)
                 raise

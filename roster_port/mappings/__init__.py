@@ -1,0 +1,1 @@
+"""Mappings shipped with roster-port (`[store] mapping = "<name>"`); see docs/mappings.md."""

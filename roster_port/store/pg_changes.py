@@ -1,0 +1,416 @@
+"""The PostgreSQL change log and its feed: changes made outside this ejabberd node, woken by
+LISTEN/NOTIFY. Shared by every PostgreSQL adapter (the default schema of postgres.py, an
+operator's own schema) and by operators' own triggers.
+
+Theory of operation
+-------------------
+The log. `install_change_log()` creates (idempotently) the table `roster_port_changes` and the
+function `roster_port_log_change(p_username, p_contact, p_old_subscription, p_new_subscription)`.
+Triggers call the function for every row that changes, whoever changes it: the default schema's
+triggers on `roster_items` (postgres.py), or triggers an operator adds to their own tables
+(docs/changes.md). The function inserts one entry, stamped with the `origin` of the transaction
+(the setting `roster_port.origin`, empty for other applications), and runs
+`pg_notify('roster_port_changes', p_username)`, which PostgreSQL delivers to the listeners when
+(and only if) the transaction commits. Program processes set the origin to the ejabberd node
+they serve, transaction-local, before they write (`set_origin()`).
+
+The feed. `PostgresChangeFeed` has a connection of its own (autocommit, never a pooled one) that
+LISTENs on the channel. A notification only wakes it: the entries themselves are read from the
+table, so a notification lost while disconnected loses nothing. Each `read()`:
+
+1. drains the notifications received (they carry nothing we need);
+2. in one REPEATABLE READ transaction, takes the snapshot S (`pg_current_snapshot()`) and reads
+   the entries not stamped with its own origin that were not visible in the previous read's
+   snapshot P;
+3. keeps S as the new P, and goes back to 2. if a notification arrived meanwhile (libpq may
+   have read it off the socket during step 2, and the socket would not wake us again).
+
+"Not visible in P" is exact, where "id greater than the last id read" is not: ids come from a
+sequence when a row is inserted, not when its transaction commits, so a transaction holding
+id 7 may commit after another one holding id 8 was read; "id > 8" would skip 7 forever. An
+entry that P did not show belongs to a transaction that was in progress at P (its top-level
+transaction id, `xact`, is in P's xip list) or that started after P (`xact` >= P's xmax).
+Conversely, every entry matching that test was invisible in P, so nothing is reported twice
+and no set of seen ids is kept. A transaction open for hours costs one index lookup per read
+(its id stays in the xip list), never a re-read of everything since it began.
+
+Reconnection. The loop of server.py registers `fileno()` once. A LISTEN connection that breaks
+(database restarted, session terminated, network cut) is replaced by another one with another
+socket, so `fileno()` is not the connection's socket: it is a selector of the feed's own
+(epoll on Linux), which is readable when the socket is, and when the background reconnector
+hands over a new connection. While disconnected, a thread tries to connect again (0.5 s, then
+doubling up to 5 s) so that the serving loop never waits for the database; the first read
+after it succeeded re-reads from P: every entry committed meanwhile is reported. Transaction
+ids survive a restart (and a failover to a physical replica); a database whose transaction ids
+went backwards (restored from a dump into another cluster) is logged and read from its present
+snapshot on.
+
+Pruning. Entries are kept `RETENTION` (a day) so that the feeds of several ejabberd nodes each
+read them; every `PRUNE_EVERY_S` a feed deletes the oldest ones past that age, at most
+`PRUNE_BATCH` per read.
+
+What this module must never do
+------------------------------
+- Raise out of `read()`: a database error is logged, the feed reconnects, nothing is lost.
+- Report an entry twice, skip one committed after its id was passed, or report an entry of its
+  own origin (those changes were pushed by the responses that made them).
+- Build SQL from data: values are bound parameters, identifiers go through `psycopg.sql`.
+- Show the password of the DSN (in logs or errors).
+- Write to stdout (it is the program's protocol channel); it only logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from roster_port.store.base import ChangeFeed, OutsideChange
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "roster_port_changes"
+ORIGIN_SETTING = "roster_port.origin"
+# pg_advisory_xact_lock key held while installing: "rp_chlog" in ASCII, as a (positive) bigint.
+INSTALL_LOCK_KEY = int.from_bytes(b"rp_chlog", "big")
+
+# For the program's write transactions: the entries its writes log carry its origin. Local to
+# the transaction (is_local = true): nothing leaks to the next user of a pooled connection.
+SET_ORIGIN_SQL = "SELECT set_config('roster_port.origin', %s, true)"
+
+
+def set_origin(cursor: psycopg.Connection | psycopg.Cursor, origin: str) -> None:
+    """Stamp the change-log entries of the transaction open on `cursor` with `origin`.
+
+    Call it inside the write transaction, before its first write (it is `SET LOCAL`).
+    """
+    cursor.execute(SET_ORIGIN_SQL, (origin,))
+
+
+def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
+                       schema: str | sql.Identifier | None = None) -> None:
+    """Create the change log and `roster_port_log_change()` in `schema` if missing.
+
+    Idempotent (CREATE ... IF NOT EXISTS, CREATE OR REPLACE): adapters call it in their setup
+    every time. Run it inside a transaction: it takes an advisory lock so that processes
+    installing at the same moment wait for each other. `schema` defaults to the connection's
+    current schema; the function is pinned to it, so that it finds its table whatever the
+    search_path of the application whose trigger calls it.
+    """
+    if schema is None:
+        name = cursor.execute("SELECT current_schema()").fetchone()[0]
+        if name is None:
+            raise psycopg.ProgrammingError("no schema of the search_path exists")
+        schema = sql.Identifier(name)
+    elif isinstance(schema, str):
+        schema = sql.Identifier(schema)
+    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
+    cursor.execute(sql.SQL("""
+        CREATE TABLE IF NOT EXISTS {schema}.roster_port_changes (
+            id bigserial PRIMARY KEY,
+            username text NOT NULL,
+            contact text NOT NULL,
+            old_subscription text,
+            new_subscription text,
+            origin text,
+            xact xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            recorded_at timestamptz NOT NULL DEFAULT now()
+        )
+    """).format(schema=schema))
+    # The feed reads by transaction id: "xact >= xmax OR xact = ANY(xip)".
+    cursor.execute(sql.SQL(
+        "CREATE INDEX IF NOT EXISTS roster_port_changes_xact ON {schema}.roster_port_changes (xact)"
+    ).format(schema=schema))
+    cursor.execute(sql.SQL("""
+        CREATE OR REPLACE FUNCTION {schema}.roster_port_log_change(
+            p_username text, p_contact text, p_old_subscription text, p_new_subscription text)
+        RETURNS void
+        LANGUAGE plpgsql SET search_path = {schema} AS $$
+        BEGIN
+            INSERT INTO roster_port_changes
+                (username, contact, old_subscription, new_subscription, origin)
+            VALUES (p_username, p_contact, p_old_subscription, p_new_subscription,
+                    nullif(current_setting({setting}, true), ''));
+            -- Delivered at commit, once per user and transaction (the server folds duplicates).
+            PERFORM pg_notify({channel}, p_username);
+        END
+        $$
+    """).format(schema=schema, setting=sql.Literal(ORIGIN_SETTING),
+                channel=sql.Literal(CHANNEL)))
+
+
+class PostgresChangeFeed(ChangeFeed):
+    """Entries of `roster_port_changes` not stamped with `origin`, woken by LISTEN/NOTIFY.
+
+    `connection_options` are psycopg.connect keyword arguments added to the DSN's (keepalives,
+    timeouts); the feed forces autocommit. See the module docstring.
+    """
+
+    RETENTION = "1 day"
+    PRUNE_EVERY_S = 600.0
+    PRUNE_BATCH = 10_000
+    RECONNECT_FIRST_DELAY_S = 0.5
+    RECONNECT_MAX_DELAY_S = 5.0
+    PASSES = 3  # reads in one read() while notifications keep coming
+
+    def __init__(self, dsn: str, *, origin: str, dsn_shown: str = "PostgreSQL",
+                 connect_timeout_s: float = 2.0,
+                 connection_options: dict[str, Any] | None = None) -> None:
+        self.origin = origin
+        self.dsn_shown = dsn_shown
+        self._dsn = dsn
+        self._connection_options = {
+            "connect_timeout": max(2, int(connect_timeout_s + 0.999)),
+            **(connection_options or {}),
+            "autocommit": True,
+        }
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._pipe_closed = False
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._connection: psycopg.Connection | None = None
+        self._socket: int | None = None
+        # Handed over by the reconnector thread; guarded by _lock.
+        self._lock = threading.Lock()
+        self._handed_over: psycopg.Connection | None = None
+        self._reconnector: threading.Thread | None = None
+        self._closing = threading.Event()
+        # The previous read's snapshot: its xmax and its xip list (None: no snapshot yet).
+        self._xmax: int | None = None
+        self._xip: list[int] = []
+        self._next_prune = time.monotonic() + self.PRUNE_EVERY_S
+        try:
+            self._adopt(self._connect())
+        except psycopg.Error as exc:
+            log.warning("change feed on %s: cannot connect (%s); retrying in the background",
+                        self.dsn_shown, _one_line(exc))
+            self._start_reconnector()
+
+    # --- ChangeFeed -------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._selector.fileno()
+
+    def read(self) -> list[OutsideChange]:
+        try:
+            return self._read()
+        except Exception:  # noqa: BLE001 - a bug must not stop the serving loop
+            log.exception("change feed on %s: unexpected error; reconnecting", self.dsn_shown)
+            self._disconnect()
+            self._start_reconnector()
+            return []
+
+    def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._disconnect()
+        reconnector = self._reconnector
+        if reconnector is not None:
+            reconnector.join(timeout=0.1)  # it closes what it connects after this
+        with self._lock:
+            handed_over, self._handed_over = self._handed_over, None
+            if handed_over is not None:
+                handed_over.close()
+            self._pipe_closed = True
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    # --- Reading ----------------------------------------------------------------------------
+
+    def _read(self) -> list[OutsideChange]:
+        self._drain_wake_pipe()
+        changes: list[OutsideChange] = []
+        try:
+            if self._connection is None:
+                with self._lock:
+                    connection, self._handed_over = self._handed_over, None
+                if connection is None:
+                    return []  # the reconnector is at work
+                self._adopt(connection)
+                log.info("change feed on %s: reconnected; reading what was logged meanwhile",
+                         self.dsn_shown)
+            self._drain_notifications()
+            for _ in range(self.PASSES):
+                changes += self._read_entries()
+                if not self._drain_notifications():
+                    break
+            else:
+                # Still notified: read again after the serving loop had its turn (a busy
+                # database must not keep it from serving requests).
+                self._wake()
+            if time.monotonic() >= self._next_prune:
+                self._prune()
+        except psycopg.Error as exc:
+            log.warning("change feed on %s: connection lost (%s); reconnecting, and then "
+                        "reading what was logged meanwhile", self.dsn_shown, _one_line(exc))
+            self._disconnect()
+            self._start_reconnector()
+        return changes
+
+    def _drain_notifications(self) -> int:
+        assert self._connection is not None
+        return sum(1 for _ in self._connection.notifies(timeout=0))
+
+    def _read_entries(self) -> list[OutsideChange]:
+        """The entries not visible in the previous snapshot; then this one becomes it."""
+        assert self._connection is not None
+        connection = self._connection
+        # One snapshot for both statements. (On an error, the caller closes the connection,
+        # which ends the transaction.)
+        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        xmax, xip = self._current_snapshot(connection)
+        if self._xmax is not None and xmax < self._xmax:
+            log.warning("change feed on %s: transaction ids went backwards (%d after %d): "
+                        "another database? reading its changes from now on",
+                        self.dsn_shown, xmax, self._xmax)
+            self._xmax = None
+        if self._xmax is None:  # the first snapshot: changes from now on
+            records = []
+        else:
+            records = connection.execute(
+                "SELECT username, contact, old_subscription, new_subscription "
+                "FROM roster_port_changes "
+                "WHERE (xact >= %s::text::xid8 OR xact = ANY(%s::text[]::xid8[])) "
+                "AND origin IS DISTINCT FROM %s ORDER BY id",
+                (str(self._xmax), [str(xid) for xid in self._xip], self.origin),
+            ).fetchall()
+        connection.execute("COMMIT")
+        self._xmax, self._xip = xmax, xip
+        return [OutsideChange(user, contact, old, new) for user, contact, old, new in records]
+
+    @staticmethod
+    def _current_snapshot(connection: psycopg.Connection) -> tuple[int, list[int]]:
+        xmax, xip = connection.execute(
+            "SELECT pg_snapshot_xmax(s)::text, "
+            "ARRAY(SELECT pg_snapshot_xip(s)::text) FROM pg_current_snapshot() AS s"
+        ).fetchone()
+        return int(xmax), [int(xid) for xid in xip]
+
+    def _prune(self) -> None:
+        assert self._connection is not None
+        try:
+            cursor = self._connection.execute(
+                "DELETE FROM roster_port_changes WHERE id IN "
+                "(SELECT id FROM roster_port_changes ORDER BY id LIMIT %s) "
+                "AND recorded_at < now() - %s::interval",
+                (self.PRUNE_BATCH, self.RETENTION),
+            )
+        except psycopg.Error as exc:
+            if self._connection.broken:
+                raise
+            # No DELETE privilege, another node's prune holding the rows: not a reason to stop.
+            log.warning("change feed on %s: pruning the change log failed: %s", self.dsn_shown,
+                        _one_line(exc))
+            self._next_prune = time.monotonic() + self.PRUNE_EVERY_S
+            return
+        deleted = cursor.rowcount
+        if deleted:
+            log.info("change feed on %s: pruned %d entries older than %s", self.dsn_shown,
+                     deleted, self.RETENTION)
+        # A full batch: more to prune, at the next read.
+        self._next_prune = time.monotonic() + (0 if deleted >= self.PRUNE_BATCH
+                                               else self.PRUNE_EVERY_S)
+
+    # --- Connections ------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection:
+        connection = psycopg.connect(self._dsn, **self._connection_options)
+        try:
+            # Statement and lock timeouts bound a prune waiting for another node's prune.
+            connection.execute("SELECT set_config('lock_timeout', '2s', false), "
+                               "set_config('statement_timeout', '30s', false)")
+            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _adopt(self, connection: psycopg.Connection) -> None:
+        if self._xmax is None:
+            # The feed reports the changes committed from now on (it is LISTENing already).
+            try:
+                self._xmax, self._xip = self._current_snapshot(connection)
+            except BaseException:
+                connection.close()
+                raise
+        self._connection = connection
+        self._socket = connection.fileno()
+        self._selector.register(self._socket, selectors.EVENT_READ)
+        # Read at once: entries may have been logged while disconnected.
+        self._wake()
+
+    def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        if self._socket is not None:
+            try:
+                self._selector.unregister(self._socket)
+            except (KeyError, ValueError):
+                pass
+            self._socket = None
+        if connection is not None:
+            try:
+                connection.close()
+            except psycopg.Error as exc:
+                log.debug("closing the change feed's connection: %s", _one_line(exc))
+
+    def _start_reconnector(self) -> None:
+        if self._closing.is_set() or (self._reconnector is not None
+                                      and self._reconnector.is_alive()):
+            return
+        self._reconnector = threading.Thread(target=self._reconnect, name="roster-port feed",
+                                             daemon=True)
+        self._reconnector.start()
+
+    def _reconnect(self) -> None:
+        """In the reconnector thread: connect and LISTEN, then hand the connection over."""
+        delay = self.RECONNECT_FIRST_DELAY_S
+        failures = 0
+        while not self._closing.wait(delay):
+            try:
+                connection = self._connect()
+            except psycopg.Error as exc:
+                failures += 1
+                if failures == 1 or failures % 12 == 0:
+                    log.warning("change feed on %s: cannot reconnect yet (%s)", self.dsn_shown,
+                                _one_line(exc))
+                delay = min(delay * 2, self.RECONNECT_MAX_DELAY_S)
+                continue
+            with self._lock:
+                if not self._closing.is_set():
+                    self._handed_over, connection = connection, None
+            if connection is not None:  # closed meanwhile
+                connection.close()
+            self._wake()
+            return
+
+    def _wake(self) -> None:
+        # Under the lock: close() closes the pipe under it, and a number reused for another
+        # file after that must never be written to.
+        with self._lock:
+            if self._pipe_closed:
+                return
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # full: a wake is pending anyway
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
