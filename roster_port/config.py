@@ -16,6 +16,8 @@
     auto_unsubscribed = true     # answer an inbound unsubscribe with unsubscribed, as ejabberd does
     read_only = false            # refuse roster sets and subscription changes (the database is
                                  # written by another application only)
+    deliver_repeated_requests = false  # deliver an inbound subscribe although one is pending:
+                                 # for schemas where one row serves both people (docs/mappings.md)
 
     [limits]
     max_items = 10000            # items in one roster
@@ -47,6 +49,7 @@ class RosterPolicy:
     pre_approval: bool = True
     auto_unsubscribed: bool = True
     read_only: bool = False
+    deliver_repeated_requests: bool = False
 
 
 @dataclass(frozen=True)

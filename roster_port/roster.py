@@ -272,6 +272,7 @@ def subscription(
         event,
         pre_approval=rules.policy.pre_approval,
         auto_unsubscribed=rules.policy.auto_unsubscribed,
+        deliver_repeated_requests=rules.policy.deliver_repeated_requests,
     )
     new = moved.new
     in_roster = row.in_roster or (

@@ -193,8 +193,15 @@ def step(
     *,
     pre_approval: bool = True,
     auto_unsubscribed: bool = True,
+    deliver_repeated_requests: bool = False,
 ) -> Step:
-    """Apply `event` to the item in `state`. Total: every stored state and event has an answer."""
+    """Apply `event` to the item in `state`. Total: every stored state and event has an answer.
+
+    `deliver_repeated_requests` delivers an inbound subscribe even when a request is already
+    pending (the table says not to). It is for operators' schemas where one row serves both
+    people: there the contact's own write made the request pending before the presence
+    arrived, and without it the user would never see the request live.
+    """
     old = canonical(state)
     cell = TABLE[(old.name, event)]
     new = SubState.from_name(cell.new_state, approved=old.approved)
@@ -213,6 +220,8 @@ def step(
         new = SubState.from_name(approval.new_state)
         deliver, auto_reply = False, "subscribed"
 
+    if deliver_repeated_requests and event == Event(Direction.IN, "subscribe") and old.pending_in:
+        deliver = True
     if auto_reply == "unsubscribed" and not auto_unsubscribed:
         auto_reply = None
     return Step(old=old, new=canonical(new), deliver=deliver, auto_reply=auto_reply, route=route)

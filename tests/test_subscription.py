@@ -137,3 +137,11 @@ def test_to_with_pending_out_is_treated_as_to():
     assert canonical(SubState("to", pending_out=True)) == SubState("to")
     assert canonical(SubState("from", pending_in=True)) == SubState("from")
     assert step(SubState("both", True, True), Event(Direction.OUT, "unsubscribe")).new == SubState("from")
+
+
+@pytest.mark.parametrize("state", ["N+PI", "N+PO+PI", "T+PI"])
+def test_a_repeated_request_is_delivered_only_when_asked(state):
+    repeated = step(SubState.from_name(state), IN_SUBSCRIBE)
+    assert repeated.deliver is False and not repeated.changed
+    asked = step(SubState.from_name(state), IN_SUBSCRIBE, deliver_repeated_requests=True)
+    assert asked.deliver is True and asked.new == repeated.new

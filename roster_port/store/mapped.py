@@ -553,7 +553,7 @@ class MappedPostgresStore(PostgresStore):
                     # Change-log entries the operator's triggers make for this transaction's
                     # writes carry our origin (pg_changes.py); harmless without a change log.
                     with self._translated_errors(connection):
-                        set_origin(connection, self.origin)
+                        set_origin(connection, self.origin, user)
                 yield txn
             except BaseException:
                 txn._open = False

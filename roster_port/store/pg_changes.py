@@ -77,20 +77,29 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "roster_port_changes"
 ORIGIN_SETTING = "roster_port.origin"
+ORIGIN_USER_SETTING = "roster_port.origin_user"
 # pg_advisory_xact_lock key held while installing: "rp_chlog" in ASCII, as a (positive) bigint.
 INSTALL_LOCK_KEY = int.from_bytes(b"rp_chlog", "big")
 
-# For the program's write transactions: the entries its writes log carry its origin. Local to
-# the transaction (is_local = true): nothing leaks to the next user of a pooled connection.
-SET_ORIGIN_SQL = "SELECT set_config('roster_port.origin', %s, true)"
+# For the program's write transactions: the entries its writes log for the transaction's user
+# carry its origin. Local to the transaction (is_local = true): nothing leaks to the next user
+# of a pooled connection.
+SET_ORIGIN_SQL = (
+    "SELECT set_config('roster_port.origin', %s, true), "
+    "set_config('roster_port.origin_user', %s, true)"
+)
 
 
-def set_origin(cursor: psycopg.Connection | psycopg.Cursor, origin: str) -> None:
-    """Stamp the change-log entries of the transaction open on `cursor` with `origin`.
+def set_origin(cursor: psycopg.Connection | psycopg.Cursor, origin: str, user: str) -> None:
+    """Stamp the change-log entries of `user`'s rows written by the transaction open on
+    `cursor` with `origin`.
 
+    Only `user`'s: in an operator's schema one row may serve two people (a friendship), and a
+    write to one roster then changes the other's too. That other entry stays unstamped, so every
+    node's feed reports it, this one included, and the other person's sessions hear of it.
     Call it inside the write transaction, before its first write (it is `SET LOCAL`).
     """
-    cursor.execute(SET_ORIGIN_SQL, (origin,))
+    cursor.execute(SET_ORIGIN_SQL, (origin, user))
 
 
 def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
@@ -132,17 +141,23 @@ def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
             p_username text, p_contact text, p_old_subscription text, p_new_subscription text)
         RETURNS void
         LANGUAGE plpgsql SET search_path = {schema} AS $$
+        DECLARE
+            v_origin text := nullif(current_setting({setting}, true), '');
+            v_origin_user text := nullif(current_setting({user_setting}, true), '');
         BEGIN
+            -- A program's transaction stamps its own user's entries only (see set_origin).
+            IF v_origin_user IS NOT NULL AND v_origin_user IS DISTINCT FROM p_username THEN
+                v_origin := NULL;
+            END IF;
             INSERT INTO roster_port_changes
                 (username, contact, old_subscription, new_subscription, origin)
-            VALUES (p_username, p_contact, p_old_subscription, p_new_subscription,
-                    nullif(current_setting({setting}, true), ''));
+            VALUES (p_username, p_contact, p_old_subscription, p_new_subscription, v_origin);
             -- Delivered at commit, once per user and transaction (the server folds duplicates).
             PERFORM pg_notify({channel}, p_username);
         END
         $$
     """).format(schema=schema, setting=sql.Literal(ORIGIN_SETTING),
-                channel=sql.Literal(CHANNEL)))
+                user_setting=sql.Literal(ORIGIN_USER_SETTING), channel=sql.Literal(CHANNEL)))
 
 
 class PostgresChangeFeed(ChangeFeed):

@@ -588,7 +588,7 @@ class PostgresStore(RosterStore):
                     connection.execute(
                         "SELECT 1 FROM roster_versions WHERE username = %s FOR UPDATE", (user,))
                     # The change-log entries of this transaction's writes carry our origin.
-                    set_origin(connection, self.origin)
+                    set_origin(connection, self.origin, user)
             except BaseException:
                 self._rollback(connection)
                 raise

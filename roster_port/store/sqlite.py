@@ -156,8 +156,8 @@ class _SQLiteTxn(RosterTxn):
         the write lock (BEGIN IMMEDIATE), so every entry after the mark is ours."""
         if self._own_changes_after is not None:
             self._execute(
-                "UPDATE roster_changes SET origin = ? WHERE id > ?",
-                (self._store.origin, self._own_changes_after),
+                "UPDATE roster_changes SET origin = ? WHERE id > ? AND user = ?",
+                (self._store.origin, self._own_changes_after, self.user),
             )
 
     def rows(self) -> list[RosterRow]:
