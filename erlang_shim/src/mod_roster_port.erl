@@ -40,7 +40,7 @@
 -export([init/2, import/3, read_roster_version/2, write_roster_version/4,
          get_roster/2, get_roster_item/3, read_subscription_and_groups/3,
          roster_subscribe/4, transaction/2, remove_user/2, update_roster/4,
-         del_roster/3, use_cache/2]).
+         del_roster/3, use_cache/2, process_rosteritems/5]).
 %% hooks and the IQ handler
 -export([roster_get/2, in_subscription/2, out_subscription/1, user_send_packet/1,
          get_jid_info/4, remove_user_hook/2, c2s_self_presence/1,
@@ -392,14 +392,16 @@ process_iq(#iq{from = From, to = To, lang = Lang} = IQ) ->
     case SameUser orelse
         ejabberd_hooks:run_fold(roster_remote_access, To#jid.lserver, false, [IQ]) of
         true ->
-            process_roster_iq(IQ);
+            %% remote_access: the hook (mod_privilege) let another JID in.
+            process_roster_iq(IQ, not SameUser);
         false ->
             xmpp:make_error(IQ, xmpp:err_forbidden(
                                   ?T("Query to another users is forbidden"), Lang))
     end.
 
 process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
-                      sub_els = [#roster_query{items = Items, ver = Ver}]} = IQ) ->
+                      sub_els = [#roster_query{items = Items, ver = Ver}]} = IQ,
+                  RemoteAccess) ->
     #jid{luser = LUser, lserver = LServer} = To,
     Access = case Type of
                  set ->
@@ -409,6 +411,7 @@ process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
                      allow
              end,
     Args = #{<<"requester">> => bare(From),
+             <<"remote_access">> => RemoteAccess,
              <<"type">> => atom_to_binary(Type),
              <<"items">> => [client_item(I) || I <- Items],
              <<"ver">> => nil_if_undefined(Ver),
@@ -429,7 +432,7 @@ process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
                                                        ?T("Roster service unavailable"),
                                                        Lang)})
     end;
-process_roster_iq(#iq{lang = Lang} = IQ) ->
+process_roster_iq(#iq{lang = Lang} = IQ, _RemoteAccess) ->
     xmpp:make_error(IQ, xmpp:err_bad_request(?T("Malformed roster query"), Lang)).
 
 client_item(#roster_item{jid = JID, name = Name, subscription = Sub, ask = Ask,
@@ -668,6 +671,78 @@ del_roster(LUser, LServer, LJID) ->
 %% The program is the source of truth: mod_roster must not cache.
 use_cache(_LServer, _Table) ->
     false.
+
+%% ejabberdctl process_rosteritems ACTION SUBS ASKS USERS CONTACTS
+%% (mod_roster:process_rosteritems/5 hands it to the backend), with the
+%% Mnesia backend's syntax: ACTION list | delete; SUBS none|from|to|both
+%% joined by ':' or any; ASKS none|out|in joined by ':' or any (a row with
+%% both pending matches in and out); USERS and CONTACTS JIDs joined by ':'
+%% or any, with the globs *, ?, [...] and a leading ! for "not". Returns the
+%% matching {User, Contact} pairs; delete removes each with store_del_item
+%% (the program pushes the removal to the user's sessions).
+%% The program has no op that lists users, so the rows visited are those of
+%% the accounts (ejabberd_auth:get_users/1) of every host this module runs
+%% on; rows of users without an account are not visited.
+process_rosteritems(ActionS, SubsS, AsksS, UsersS, ContactsS) ->
+    Action = case ActionS of
+                 "list" -> list;
+                 "delete" -> delete
+             end,
+    Subs = filter_atoms(SubsS, [none, from, to, both]),
+    Asks = filter_atoms(AsksS, [none, out, in, both]),
+    Users = filter_jids(UsersS),
+    Contacts = filter_jids(ContactsS),
+    Hosts = [H || H <- ejabberd_option:hosts(), gen_mod:is_loaded(H, ?MODULE)],
+    lists:append(
+      [process_user_rosteritems(Action, Subs, Asks, Contacts, LUser, LServer)
+       || Host <- Hosts,
+          {LUser, LServer} <- lists:sort(ejabberd_auth:get_users(Host)),
+          jid_matches({LUser, LServer}, Users)]).
+
+process_user_rosteritems(Action, Subs, Asks, Contacts, LUser, LServer) ->
+    User = <<LUser/binary, "@", LServer/binary>>,
+    Items = case get_roster(LUser, LServer) of
+                {ok, Rs} -> Rs;
+                error -> throw({error, "roster of " ++ binary_to_list(User) ++
+                                    " not readable (program unavailable)"})
+            end,
+    [begin
+         Action == delete andalso del_roster(LUser, LServer, LJID),
+         {User, jid:encode(LJID)}
+     end
+     || #roster{jid = {CUser, CServer, _} = LJID, subscription = Sub, ask = Ask} <- Items,
+        lists:member(Sub, Subs),
+        lists:member(Ask, Asks) orelse
+            (Ask == both andalso (lists:member(in, Asks) orelse lists:member(out, Asks))),
+        jid_matches({CUser, CServer}, Contacts)].
+
+filter_atoms(S, All) ->
+    lists:usort(lists:flatmap(fun("any") -> All;
+                                 (A) -> [list_to_existing_atom(A)]
+                              end, string:tokens(S, ":"))).
+
+filter_jids(S) ->
+    lists:flatmap(fun("any") -> ["*", "*@*"];
+                     (J) -> [J]
+                  end, string:tokens(S, ":")).
+
+%% Mnesia backend's matching: "host" matches a JID without user part,
+%% "user@host" globs both parts.
+jid_matches({Name, Server}, Patterns) ->
+    lists:any(
+      fun(Pattern) ->
+              case jid:decode(list_to_binary(Pattern)) of
+                  #jid{luser = <<>>, lserver = MServer} ->
+                      Name == <<>> andalso glob_match(Server, MServer);
+                  #jid{luser = MName, lserver = MServer} ->
+                      glob_match(Server, MServer) andalso glob_match(Name, MName)
+              end
+      end, Patterns).
+
+glob_match(String, <<"!", Glob/binary>>) ->
+    not glob_match(String, Glob);
+glob_match(String, Glob) ->
+    ejabberd_regexp:run(String, ejabberd_regexp:sh_to_awk(Glob)) == match.
 
 store(LServer, LUser, Op, Args) ->
     call(LServer, LUser, Op, Args).

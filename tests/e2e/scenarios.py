@@ -118,7 +118,9 @@ class World:
         # SCRAM's 4096 rounds of PBKDF2 in slixmpp cost ~0.1 s of CPU per login; the cell
         # tests log in 150+ clients on two cores. PLAIN over loopback proves the same login.
         client.xmpp.plugin["feature_mechanisms"].use_mech = "PLAIN"
-        await client.connect(available=available)
+        # 30 s, not 10: the cells log in 40 clients at a time, and on two shared cores under
+        # other test runs a login was seen to take over 10 s ("no session within 10 s").
+        await client.connect(available=available, timeout=30)
         self.clients.append(client)
         return client
 

@@ -280,12 +280,19 @@ async def run_cell(world: World, case: Case, index: int) -> list[str]:
     # 1. Into the state, by real stanzas; every step is checked in the store.
     await u.roster_set(c_jid, name="C", groups=("cells",))
     await u.wait_for(lambda cl: cl.pushes_for(c_jid), timeout=10)
+    setup_pushes = len(u.pushes)
     model = Pair()
     for sender, ptype in case.path():
         status = REQUEST_TEXT if ptype == "subscribe" else ""
         model.send(sender, ptype, status)
         clients[sender].send_subscription(targets[sender], ptype, status=status or None)
         await _wait_rows(world, u_jid, c_jid, model, f"setup step {sender} {ptype}")
+    # The stored rows are visible as soon as the program commits, before the shim carries out
+    # the answer's effects (pushes, the presence delivered, U's presence resent to C), often in
+    # another process than the one quiet() syncs with (C's c2s routing to U). Wait for all of
+    # the setup's effects the cell checks, so that none lands after the snapshot below and is
+    # counted as the event's (seen under load: a setup push or delivery past quiet()'s 0.3 s).
+    await _setup_settled(world, u, c, u_jid, c_jid, model, setup_pushes)
     await quiet(u, c)
 
     # 2. The event. Snapshot what the clients and the shim saw so far.
@@ -382,6 +389,21 @@ async def run_cell(world: World, case: Case, index: int) -> list[str]:
             problems.append(f"C got {got} {ptype} from U, expected {expected}")
     await world.drop(u, c)  # frees two sessions for the cells still waiting
     return problems
+
+
+async def _setup_settled(world: World, u, c, u_jid: str, c_jid: str, model: Pair,
+                         setup_pushes: int) -> None:
+    await u.wait_for(lambda cl: len(cl.pushes) - setup_pushes >= len(model.pushes["u"]),
+                     timeout=10)
+    await u.wait_for(lambda cl: len(subscription_presences_since(cl, c_jid, 0))
+                     >= len(model.delivered["u"]), timeout=10)
+    for (who, t), n in model.arrived.items():
+        jid, other = (u_jid, c_jid) if who == "u" else (c_jid, u_jid)
+        await eventually(lambda: world.transcript.count(
+            "in_subscription", user=jid, contact=other, type=t) >= n,
+            what=f"setup: {t} routed to {who}")
+    if model.available["c"]:
+        await c.wait_for(lambda cl: _since(cl, u_jid, "available", 0))
 
 
 def subscription_presences_since(client, from_jid: str, start: int) -> list[str]:

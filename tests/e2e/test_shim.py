@@ -208,3 +208,39 @@ def test_pending_request_is_resent_at_first_available_presence(ejabberd, users, 
         assert bob_jid not in (await alice.roster_get()).items
 
     asyncio.run(scenario())
+
+
+def test_remote_roster_access_only_when_the_hook_allows_it(ejabberd, users, connect):
+    """An IQ to another user's roster is `forbidden` unless `roster_remote_access` (mod_privilege,
+    XEP-0356) says yes; then the program is told (`remote_access: true`) and serves it."""
+    import xml.etree.ElementTree as ET
+
+    alice_jid, bob_jid = users("alice", "bob")
+    ejabberd.store_execute(
+        "INSERT INTO roster_items (user, contact, name, subscription) "
+        "VALUES (?, 'carol@localhost', 'Carol', 'both')", (alice_jid,))
+
+    async def get_alices_roster(bob) -> slixmpp.Iq:
+        iq = bob.xmpp.Iq(stype="get", sto=alice_jid)
+        iq.append(ET.Element("{jabber:iq:roster}query"))
+        try:
+            return await iq.send(timeout=10)
+        except slixmpp.exceptions.IqError as exc:
+            return exc.iq
+
+    async def scenario():
+        bob = await connect(bob_jid)
+        refused = await get_alices_roster(bob)
+        assert (refused["type"], refused["error"]["condition"]) == ("error", "forbidden")
+        # What mod_privilege does for a privileged component: let this one through.
+        await asyncio.to_thread(
+            ejabberd.rpc,
+            "ok = rpc:call(Node, ejabberd_hooks, add, [roster_remote_access, <<\"localhost\">>, "
+            "fun(_Acc, _IQ) -> true end, 50])")
+        served = await get_alices_roster(bob)
+        assert served["type"] == "result", served
+        items = served.xml.findall("{jabber:iq:roster}query/{jabber:iq:roster}item")
+        assert [(i.get("jid"), i.get("subscription")) for i in items] == [
+            ("carol@localhost", "both")]
+
+    asyncio.run(scenario())
