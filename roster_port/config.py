@@ -16,8 +16,9 @@
     auto_unsubscribed = true     # answer an inbound unsubscribe with unsubscribed, as ejabberd does
     read_only = false            # refuse roster sets and subscription changes (the database is
                                  # written by another application only)
-    deliver_repeated_requests = false  # deliver an inbound subscribe although one is pending:
-                                 # for schemas where one row serves both people (docs/mappings.md)
+    mutual_rows = false          # one row serves both people (a friendship): deliver the
+                                 # contact's subscribe/subscribed that the contact's own write
+                                 # already applied (docs/mappings.md)
 
     [limits]
     max_items = 10000            # items in one roster
@@ -49,7 +50,7 @@ class RosterPolicy:
     pre_approval: bool = True
     auto_unsubscribed: bool = True
     read_only: bool = False
-    deliver_repeated_requests: bool = False
+    mutual_rows: bool = False
 
 
 @dataclass(frozen=True)

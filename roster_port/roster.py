@@ -272,7 +272,7 @@ def subscription(
         event,
         pre_approval=rules.policy.pre_approval,
         auto_unsubscribed=rules.policy.auto_unsubscribed,
-        deliver_repeated_requests=rules.policy.deliver_repeated_requests,
+        mutual_rows=rules.policy.mutual_rows,
     )
     new = moved.new
     in_roster = row.in_roster or (
@@ -280,12 +280,14 @@ def subscription(
         event.direction is Direction.OUT
         and (new.subscription != "none" or new.pending_out or new.approved)
     )
-    if new.pending_in and not moved.old.pending_in:
-        request_text = status or ""
-    elif new.pending_in:
-        request_text = row.request_text
-    else:
+    if not new.pending_in:
         request_text = ""
+    elif not moved.old.pending_in or (event == Event(Direction.IN, "subscribe") and status):
+        # A new request, or a repeated one with a text of its own: the latest text is kept
+        # (and with mutual rows the contact's own write stored the request without it).
+        request_text = status or ""
+    else:
+        request_text = row.request_text
     updated = row.evolve(
         subscription=new.subscription,
         pending_out=new.pending_out,

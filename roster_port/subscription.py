@@ -193,14 +193,15 @@ def step(
     *,
     pre_approval: bool = True,
     auto_unsubscribed: bool = True,
-    deliver_repeated_requests: bool = False,
+    mutual_rows: bool = False,
 ) -> Step:
     """Apply `event` to the item in `state`. Total: every stored state and event has an answer.
 
-    `deliver_repeated_requests` delivers an inbound subscribe even when a request is already
-    pending (the table says not to). It is for operators' schemas where one row serves both
-    people: there the contact's own write made the request pending before the presence
-    arrived, and without it the user would never see the request live.
+    `mutual_rows` is for operators' schemas where one row serves both people (a friendship):
+    there the contact's own write has already made the request pending (or the subscription
+    granted) when the contact's subscribe (or subscribed) reaches the user, and the table would
+    not deliver it; with `mutual_rows` it is delivered all the same, so the user's clients
+    see the request (or the approval) live.
     """
     old = canonical(state)
     cell = TABLE[(old.name, event)]
@@ -220,7 +221,10 @@ def step(
         new = SubState.from_name(approval.new_state)
         deliver, auto_reply = False, "subscribed"
 
-    if deliver_repeated_requests and event == Event(Direction.IN, "subscribe") and old.pending_in:
+    if mutual_rows and (
+        (event == Event(Direction.IN, "subscribe") and old.pending_in)
+        or (event == Event(Direction.IN, "subscribed") and old.has_to)
+    ):
         deliver = True
     if auto_reply == "unsubscribed" and not auto_unsubscribed:
         auto_reply = None

@@ -139,9 +139,13 @@ def test_to_with_pending_out_is_treated_as_to():
     assert step(SubState("both", True, True), Event(Direction.OUT, "unsubscribe")).new == SubState("from")
 
 
-@pytest.mark.parametrize("state", ["N+PI", "N+PO+PI", "T+PI"])
-def test_a_repeated_request_is_delivered_only_when_asked(state):
-    repeated = step(SubState.from_name(state), IN_SUBSCRIBE)
+@pytest.mark.parametrize(
+    "state, event",
+    [(state, IN_SUBSCRIBE) for state in ("N+PI", "N+PO+PI", "T+PI")]
+    + [(state, Event(Direction.IN, "subscribed")) for state in ("T", "T+PI", "B")],
+)
+def test_with_mutual_rows_a_repeat_is_delivered(state, event):
+    repeated = step(SubState.from_name(state), event)
     assert repeated.deliver is False and not repeated.changed
-    asked = step(SubState.from_name(state), IN_SUBSCRIBE, deliver_repeated_requests=True)
-    assert asked.deliver is True and asked.new == repeated.new
+    mutual = step(SubState.from_name(state), event, mutual_rows=True)
+    assert mutual.deliver is True and mutual.new == repeated.new
