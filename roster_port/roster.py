@@ -282,9 +282,12 @@ def subscription(
     )
     if not new.pending_in:
         request_text = ""
-    elif not moved.old.pending_in or (event == Event(Direction.IN, "subscribe") and status):
-        # A new request, or a repeated one with a text of its own: the latest text is kept
-        # (and with mutual rows the contact's own write stored the request without it).
+    elif not moved.old.pending_in or (
+        event == Event(Direction.IN, "subscribe") and status and not row.request_text
+    ):
+        # A new request; or a repeat bringing the text the stored request lacks (with mutual
+        # rows, the contact's own write stored the request before its presence arrived). A
+        # repeat changes nothing else: the table's cell is "no change".
         request_text = status or ""
     else:
         request_text = row.request_text

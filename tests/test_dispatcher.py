@@ -347,3 +347,12 @@ def test_remove_user_leaves_a_read_only_roster_alone(store):
     session = session_with(store, read_only=True)
     assert session.ok("remove_user", {"user": ALICE}) == {"effects": []}
     assert [item["jid"] for item in session.get(ALICE)["items"]] == [BOB]
+
+
+def test_a_repeated_request_keeps_its_first_text_or_brings_a_missing_one(session):
+    session.inbound(ALICE, BOB, "subscribe", "first")
+    session.inbound(ALICE, BOB, "subscribe", "second")
+    assert session.item(ALICE, BOB)["askmessage"] == "first"  # the table's cell: no change
+    session.inbound(ALICE, CAROL, "subscribe")
+    session.inbound(ALICE, CAROL, "subscribe", "now with a text")
+    assert session.item(ALICE, CAROL)["askmessage"] == "now with a text"
