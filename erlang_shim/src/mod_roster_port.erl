@@ -14,7 +14,7 @@
 %%% When the program cannot answer, every hook gets the safe answer of
 %%% docs/protocol.md; nothing here may crash or stall ejabberd because of it.
 %%%
-%%% Reads on the hot path (roster_get_jid_info, roster_get) are answered from
+%%% Reads (roster_get_jid_info, roster_get, roster IQ gets) are answered from
 %%% an exact cache when it can (roster_port_cache; roster_port_worker
 %%% invalidates it). Effects of answers reach every session of the user in
 %%% the cluster; effects of roster_changed notifications only the sessions
@@ -201,7 +201,8 @@ mod_doc() ->
                          "Default: none.")}},
            {cache,
             #{value => "true | false",
-              desc => ?T("Answer roster_get and roster_get_jid_info from an "
+              desc => ?T("Answer roster_get, roster_get_jid_info and roster "
+                         "IQ gets from an "
                          "exact cache, invalidated on every write and every "
                          "roster_changed notification. Default: true.")}},
            {cache_size,
@@ -399,9 +400,35 @@ process_iq(#iq{from = From, to = To, lang = Lang} = IQ) ->
                                   ?T("Query to another users is forbidden"), Lang))
     end.
 
-process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
-                      sub_els = [#roster_query{items = Items, ver = Ver}]} = IQ,
-                  RemoteAccess) ->
+%% A get of one's own roster, from the read cache when it can: the items and
+%% the `ver` of the program's last answer, unless anything can have changed
+%% the roster since (roster_port_cache). A client whose ver is the cached
+%% one gets an empty result, as the program would answer. A miss asks the
+%% program and keeps its answer, and its items as the roster_get hook's.
+process_roster_iq(#iq{type = get, to = #jid{luser = LUser, lserver = LServer},
+                      sub_els = [#roster_query{items = [], ver = Ver}]} = IQ,
+                  false = RemoteAccess) ->
+    Cache = roster_port_pool:cache(LServer),
+    User = <<LUser/binary, "@", LServer/binary>>,
+    ClientVer = nil_if_undefined(Ver),
+    case roster_port_cache:lookup_iq(Cache, User) of
+        {ok, {CachedVer, _}} when is_binary(CachedVer), CachedVer == ClientVer ->
+            xmpp:make_iq_result(IQ);
+        {ok, {_, Query}} when Query /= nil ->
+            xmpp:make_iq_result(IQ, Query);
+        _ ->
+            %% Taken before the request is sent: see roster_port_cache.
+            ReadAt = roster_port_cache:stamp(),
+            roster_iq_call(IQ, RemoteAccess, {Cache, User, ReadAt})
+    end;
+process_roster_iq(#iq{sub_els = [#roster_query{}]} = IQ, RemoteAccess) ->
+    roster_iq_call(IQ, RemoteAccess, no_cache);
+process_roster_iq(#iq{lang = Lang} = IQ, _RemoteAccess) ->
+    xmpp:make_error(IQ, xmpp:err_bad_request(?T("Malformed roster query"), Lang)).
+
+roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
+                   sub_els = [#roster_query{items = Items, ver = Ver}]} = IQ,
+               RemoteAccess, CacheAs) ->
     #jid{luser = LUser, lserver = LServer} = To,
     Access = case Type of
                  set ->
@@ -418,7 +445,13 @@ process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
              <<"access">> => atom_to_binary(Access)},
     case call(LServer, LUser, <<"roster_iq">>, Args) of
         {ok, #{<<"items">> := WireItems} = R} when Type == get, is_list(WireItems) ->
-            xmpp:make_iq_result(IQ, roster_query(WireItems, maps:get(<<"ver">>, R, nil)));
+            RosterItems = [wire_to_roster_item(I) || I <- WireItems],
+            Query = roster_query(WireItems, RosterItems, maps:get(<<"ver">>, R, nil)),
+            keep_iq_answer(CacheAs, R, Query, RosterItems),
+            xmpp:make_iq_result(IQ, Query);
+        {ok, R} when Type == get ->
+            keep_iq_answer(CacheAs, R, nil, nil),
+            xmpp:make_iq_result(IQ);
         {ok, _} ->
             xmpp:make_iq_result(IQ);
         {error, {program, #{<<"stanza_error">> := #{} = E}}} ->
@@ -431,9 +464,22 @@ process_roster_iq(#iq{type = Type, from = From, to = To, lang = Lang,
                                               text = xmpp:mk_text(
                                                        ?T("Roster service unavailable"),
                                                        Lang)})
+    end.
+
+%% Only an answer without effects (a get has none). An answer `nil` (the
+%% client's ver is current) is kept as that ver alone; items without a ver
+%% (versioning off) are answered to every get. The items are the
+%% roster_get hook's answer too: the program reads both from the same rows
+%% (a roster get's items are exactly roster_get's).
+keep_iq_answer({Cache, User, ReadAt}, R, Query, RosterItems)
+  when is_binary(map_get(<<"ver">>, R)); Query /= nil ->
+    Ver = maps:get(<<"ver">>, R, nil),
+    case maps:get(<<"effects">>, R, []) of
+        [] -> roster_port_cache:store_iq(Cache, User, ReadAt, {Ver, Query}, RosterItems);
+        _ -> ok
     end;
-process_roster_iq(#iq{lang = Lang} = IQ, _RemoteAccess) ->
-    xmpp:make_error(IQ, xmpp:err_bad_request(?T("Malformed roster query"), Lang)).
+keep_iq_answer(_CacheAs, _R, _Query, _RosterItems) ->
+    ok.
 
 client_item(#roster_item{jid = JID, name = Name, subscription = Sub, ask = Ask,
                          groups = Groups}) ->
@@ -463,8 +509,10 @@ stanza_conditions() ->
 %% so the query is encoded and then approved='true' is added to the items
 %% that carry it.
 roster_query(WireItems, Ver) ->
-    Query = #roster_query{items = [wire_to_roster_item(I) || I <- WireItems],
-                          ver = undefined_if_nil(Ver)},
+    roster_query(WireItems, [wire_to_roster_item(I) || I <- WireItems], Ver).
+
+roster_query(WireItems, RosterItems, Ver) ->
+    Query = #roster_query{items = RosterItems, ver = undefined_if_nil(Ver)},
     case [jid:encode(jid:decode(J)) || #{<<"jid">> := J, <<"approved">> := true} <- WireItems] of
         [] ->
             Query;

@@ -2,7 +2,8 @@
 %%%
 %%% roster_get_jid_info runs for every presence probe, caps, MAM, privacy and
 %%% pubsub decision; a round trip to the program costs ~55 us, an ETS lookup
-%%% ~1 us. So the answers of `roster_get` (per user) and of jid_info (per
+%%% ~1 us. So the answers of `roster_get` (per user), of roster IQ gets (per
+%%% user: the items and the `ver`) and of jid_info (per
 %%% user and contact, loaded from the user's whole roster at once) are kept
 %%% in a public ETS table. The program stays the only source of truth: an
 %%% entry is used only when nothing can have changed the user's roster since
@@ -39,6 +40,10 @@
 %%%                                   roster load jid_info answers come from,
 %%%                                   or none
 %%%   {{roster, U}, ReadAt, Items}     the roster_get answer (any term)
+%%%   {{iq, U}, ReadAt, {Ver, Answer}} a roster IQ get's answer: its `ver`
+%%%                                   and the query to answer with (any
+%%%                                   term), or `nil` when the program only
+%%%                                   said that Ver is current
 %%%   {{contact, U, C}, LoadedAt, Info} one contact of a loaded roster
 %%% A contact absent under a valid load is not in U's store: {none, none, []}.
 %%% A contact record from another load (a reload raced with this one, or the
@@ -55,7 +60,7 @@
 -module(roster_port_cache).
 
 -export([handle/2, create_table/1, new/2, stamp/0, writes/2,
-         lookup_roster/2, store_roster/4,
+         lookup_roster/2, store_roster/4, lookup_iq/2, store_iq/5,
          lookup_jid_info/3, store_jid_info/4,
          invalidate/2, invalidate_all/1, set_live/2, is_live/1, records/1]).
 
@@ -113,10 +118,13 @@ writes(Op, _Args) ->
 %%%===================================================================
 
 -spec lookup_roster(cache(), binary()) -> {ok, term()} | miss.
-lookup_roster(undefined, _User) ->
+lookup_roster(Cache, User) ->
+    lookup_read(Cache, roster, User).
+
+lookup_read(undefined, _Kind, _User) ->
     miss;
-lookup_roster(#{table := T} = Cache, User) ->
-    try ets:lookup(T, {roster, User}) of
+lookup_read(#{table := T} = Cache, Kind, User) ->
+    try ets:lookup(T, {Kind, User}) of
         [{_, ReadAt, Items}] ->
             case ReadAt > invalidated_at(T, User) andalso usable(ReadAt, Cache) of
                 true -> {ok, Items};
@@ -137,6 +145,41 @@ store_roster(#{table := T} = Cache, User, ReadAt, Items) ->
                    storable(ReadAt, User, Cache) andalso make_room(1, Cache)
                        andalso ets:insert(T, {{roster, User}, ReadAt, Items})
            end).
+
+%%%===================================================================
+%%% Roster IQ get answers
+%%%===================================================================
+
+%% @doc The last roster IQ get answer kept for User: {Ver, Answer}, Answer
+%% `nil` when only Ver is known to be current (the program answered a
+%% client whose ver was current).
+-spec lookup_iq(cache(), binary()) -> {ok, {term(), term()}} | miss.
+lookup_iq(Cache, User) ->
+    lookup_read(Cache, iq, User).
+
+%% @doc Keeps the answer of a roster IQ get sent after ReadAt was taken:
+%% {Ver, Answer} as lookup_iq/2 gives it back, and, when Items is not
+%% `nil`, Items as the roster_get answer of the same read (the program
+%% answers both from the same rows in one transaction). An answer `nil`
+%% does not replace a kept answer of the same Ver.
+-spec store_iq(cache(), binary(), stamp(), {term(), term()}, term()) -> ok.
+store_iq(undefined, _User, _ReadAt, _VerAnswer, _Items) ->
+    ok;
+store_iq(#{table := T} = Cache, User, ReadAt, {Ver, Answer}, Items) ->
+    Records = [{{iq, User}, ReadAt, {Ver, Answer}}
+               | [{{roster, User}, ReadAt, Items} || Items /= nil]],
+    safely(fun() ->
+                   storable(ReadAt, User, Cache)
+                       andalso not (Answer == nil andalso knows_answer(Cache, User, Ver))
+                       andalso make_room(length(Records), Cache)
+                       andalso ets:insert(T, Records)
+           end).
+
+knows_answer(Cache, User, Ver) ->
+    case lookup_iq(Cache, User) of
+        {ok, {Ver, Answer}} -> Answer /= nil;
+        _ -> false
+    end.
 
 %%%===================================================================
 %%% jid_info answers
@@ -215,8 +258,9 @@ invalidate(undefined, _User) ->
 invalidate(#{table := T}, User) ->
     safely(fun() ->
                    ets:insert(T, {{user, User}, stamp(), none}),
-                   %% Only to free memory: the record above already voids it.
-                   ets:delete(T, {roster, User})
+                   %% Only to free memory: the record above already voids them.
+                   ets:delete(T, {roster, User}),
+                   ets:delete(T, {iq, User})
            end).
 
 %% @doc Nothing read before now is used any more.

@@ -27,7 +27,15 @@ cache_test_() ->
              {"jid_info: loaded contacts, absent ones, another load's", fun jid_info_load/1},
              {"jid_info: an older load does not replace a newer one", fun older_load_loses/1},
              {"jid_info: a load sent before an invalidation is never used (d)",
-              fun load_sent_before_invalidation/1}]] ++
+              fun load_sent_before_invalidation/1},
+             {"roster IQ: an answer is kept with its ver and feeds roster_get",
+              fun iq_answer_kept/1},
+             {"roster IQ: a ver-only answer, and it never hides the items",
+              fun iq_ver_only/1},
+             {"roster IQ: a get sent before an invalidation is never used (d)",
+              fun iq_read_sent_before_invalidation/1},
+             {"roster IQ: nothing answered while not live, or after invalidate_all",
+              fun iq_not_live/1}]] ++
         [{"a full cache is emptied; too big a load is not kept",
           fun() -> with_cache(5, fun bound/1) end}].
 
@@ -149,6 +157,83 @@ bound(C) ->
     %% Then it works again.
     roster_port_cache:store_roster(C, ?U, roster_port_cache:stamp(), [u]),
     ?assertEqual({ok, [u]}, roster_port_cache:lookup_roster(C, ?U)).
+
+iq_answer_kept(C) ->
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    ReadAt = roster_port_cache:stamp(),
+    roster_port_cache:store_iq(C, ?U, ReadAt, {<<"v1">>, query1}, [item]),
+    ?assertEqual({ok, {<<"v1">>, query1}}, roster_port_cache:lookup_iq(C, ?U)),
+    %% The same read's items answer the roster_get hook.
+    ?assertEqual({ok, [item]}, roster_port_cache:lookup_roster(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?V)),
+    %% A write (or a roster_changed) voids both.
+    roster_port_cache:invalidate(C, ?U),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?U)),
+    %% The next answer, with the new ver, is kept.
+    ReadAt2 = roster_port_cache:stamp(),
+    roster_port_cache:store_iq(C, ?U, ReadAt2, {<<"v2">>, query2}, [item2]),
+    ?assertEqual({ok, {<<"v2">>, query2}}, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual({ok, [item2]}, roster_port_cache:lookup_roster(C, ?U)),
+    %% A roster_get answer does not void the IQ answer.
+    roster_port_cache:store_roster(C, ?U, roster_port_cache:stamp(), [item2]),
+    ?assertEqual({ok, {<<"v2">>, query2}}, roster_port_cache:lookup_iq(C, ?U)).
+
+iq_ver_only(C) ->
+    %% The program answered "your ver is current": the ver alone is kept,
+    %% without any roster_get answer.
+    roster_port_cache:store_iq(C, ?U, roster_port_cache:stamp(), {<<"v1">>, nil}, nil),
+    ?assertEqual({ok, {<<"v1">>, nil}}, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?U)),
+    %% Items of the same ver replace it...
+    roster_port_cache:store_iq(C, ?U, roster_port_cache:stamp(), {<<"v1">>, query}, [item]),
+    ?assertEqual({ok, {<<"v1">>, query}}, roster_port_cache:lookup_iq(C, ?U)),
+    %% ... and a later ver-only answer of that ver does not hide them.
+    roster_port_cache:store_iq(C, ?U, roster_port_cache:stamp(), {<<"v1">>, nil}, nil),
+    ?assertEqual({ok, {<<"v1">>, query}}, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual({ok, [item]}, roster_port_cache:lookup_roster(C, ?U)),
+    %% Versioning off: items without a ver.
+    roster_port_cache:store_iq(C, ?V, roster_port_cache:stamp(), {nil, query}, [item]),
+    ?assertEqual({ok, {nil, query}}, roster_port_cache:lookup_iq(C, ?V)).
+
+iq_read_sent_before_invalidation(C) ->
+    %% Sent, then the roster changes, then the (old) answer comes back.
+    ReadAt = roster_port_cache:stamp(),
+    roster_port_cache:invalidate(C, ?U),
+    roster_port_cache:store_iq(C, ?U, ReadAt, {<<"old">>, old}, [old]),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?U)),
+    %% Stored first, invalidated after: not used either.
+    ReadAt2 = roster_port_cache:stamp(),
+    roster_port_cache:store_iq(C, ?U, ReadAt2, {<<"old2">>, old2}, [old2]),
+    roster_port_cache:invalidate(C, ?U),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    %% A ver-only answer sent before is not used either.
+    ReadAt3 = roster_port_cache:stamp(),
+    roster_port_cache:invalidate(C, ?U),
+    roster_port_cache:store_iq(C, ?U, ReadAt3, {<<"old3">>, nil}, nil),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)).
+
+iq_not_live(C) ->
+    ReadAt = roster_port_cache:stamp(),
+    roster_port_cache:store_iq(C, ?U, ReadAt, {<<"v1">>, q}, [i]),
+    roster_port_cache:set_live(C, false),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?U)),
+    %% Sent while off (the feed was down): never used once on again.
+    ReadAt2 = roster_port_cache:stamp(),
+    roster_port_cache:store_iq(C, ?V, ReadAt2, {<<"v1">>, q}, [i]),
+    roster_port_cache:invalidate_all(C),
+    roster_port_cache:set_live(C, true),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?V)),
+    %% A get sent before invalidate_all, answered after it: not kept.
+    ReadAt3 = roster_port_cache:stamp(),
+    roster_port_cache:invalidate_all(C),
+    roster_port_cache:store_iq(C, ?U, ReadAt3, {<<"v1">>, q}, [i]),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(undefined, ?U)),
+    ok = roster_port_cache:store_iq(undefined, ?U, 1, {<<"v">>, q}, [i]).
 
 writes_test() ->
     ?assert(roster_port_cache:writes(<<"roster_iq">>, #{<<"type">> => <<"set">>})),

@@ -91,3 +91,67 @@ decode_errors_test_() ->
      ?_assertEqual({error, {unsupported_ext, 16#d4}}, ?M:decode(hex("d40100"))),
      ?_assertEqual({error, {trailing_bytes, 1}}, ?M:decode_all(hex("c0c0"))),
      ?_assertEqual({ok, nil, <<16#c3>>}, ?M:decode(hex("c0c3")))].
+
+%% The protocol's words are decoded to equal binaries (as literals), in any
+%% position, and other strings of the same lengths are not taken for them.
+protocol_words_test_() ->
+    Words = [<<"jid">>, <<"name">>, <<"subscription">>, <<"ask">>, <<"approved">>,
+             <<"groups">>, <<"items">>, <<"ver">>, <<"effects">>, <<"both">>,
+             <<"none">>, <<"to">>, <<"from">>, <<"subscribe">>, <<"push">>],
+    Others = [<<"jie">>, <<"nam">>, <<"bothx">>, <<"tO">>, <<"">>],
+    Map = maps:from_list([{W, W} || W <- Words ++ Others]),
+    [?_assertEqual({ok, Words ++ Others}, ?M:decode_all(?M:encode(Words ++ Others))),
+     ?_assertEqual({ok, Map}, ?M:decode_all(?M:encode(Map)))].
+
+nested_test_() ->
+    Deep = lists:foldl(fun(I, Acc) -> #{<<"k">> => [I, Acc, #{}, []]} end, nil,
+                       lists:seq(1, 200)),
+    [?_assertEqual({ok, Deep}, ?M:decode_all(?M:encode(Deep))),
+     ?_assertEqual({ok, [[], #{}, [[]], #{<<"a">> => []}]},
+                   ?M:decode_all(?M:encode([[], #{}, [[]], #{<<"a">> => []}]))),
+     %% A map's duplicate keys: the last one wins, as before.
+     ?_assertEqual({ok, #{<<"a">> => 2}}, ?M:decode_all(hex("82a16101a16102"))),
+     %% Cut anywhere inside a nested value: incomplete, never a crash.
+     ?_assertEqual([{error, incomplete}],
+                   lists:usort([?M:decode(binary:part(F, 0, L))
+                                || F <- [?M:encode(Deep)], L <- lists:seq(0, 300)]))].
+
+%% A 5,000-item roster answer as the program writes it decodes to what was
+%% encoded. The timings are printed, not checked (a shared machine is no
+%% place for a pass/fail timing test): per item, the 5,000-item decode should
+%% cost about what the 1,000-item one does. test/decode_bench.escript prints
+%% the same figures with more repetitions.
+large_answer_test_() ->
+    {timeout, 120,
+     fun() ->
+             Times = [begin
+                          Answer = roster_answer(N),
+                          Frame = ?M:encode(Answer),
+                          {ok, Decoded} = ?M:decode_all(Frame),
+                          ?assertEqual(Answer, Decoded),
+                          {N, best_decode_us(Frame)}
+                      end || N <- [1000, 5000]],
+             [?debugFmt("decoding a ~B-item answer: ~.1f ms, ~.2f us/item", [N, T / 1000, T / N])
+              || {N, T} <- Times]
+     end}.
+
+roster_answer(N) ->
+    Items = [#{<<"jid">> => <<"contact", (integer_to_binary(I))/binary, "@example.net">>,
+               <<"name">> => <<"Contact ", (integer_to_binary(I))/binary>>,
+               <<"subscription">> => <<"both">>, <<"ask">> => nil,
+               <<"approved">> => false, <<"groups">> => [<<"Friends">>]}
+             || I <- lists:seq(1, N)],
+    [1, 7, nil, #{<<"items">> => Items, <<"ver">> => <<"abc">>, <<"effects">> => []}].
+
+%% Best of 5, each in a fresh process spawned as a pool worker is.
+best_decode_us(Frame) ->
+    lists:min([begin
+                   Self = self(),
+                   Pid = spawn_opt(fun() ->
+                                           T0 = erlang:monotonic_time(microsecond),
+                                           {ok, _} = ?M:decode_all(Frame),
+                                           Self ! {us, self(),
+                                                   erlang:monotonic_time(microsecond) - T0}
+                                   end, roster_port_worker:spawn_opts()),
+                   receive {us, Pid, Us} -> Us end
+               end || _ <- lists:seq(1, 5)]).

@@ -165,6 +165,27 @@ def test_jid_info_is_answered_from_one_roster_load(ejabberd, users, connect):
     assert requests(ejabberd, "jid_info", alice_jid) == 0
 
 
+def test_repeated_roster_gets_are_answered_from_the_cache(ejabberd, users, connect):
+    """One roster_iq per user until the roster changes; the answers stay exact."""
+    alice_jid, bob_jid = users("alice", "bob")
+
+    async def scenario():
+        alice = await connect(alice_jid)
+        await alice.roster_set(bob_jid, name="Bob")
+        asked = requests(ejabberd, "roster_iq", alice_jid)
+        first = await alice.roster_get()
+        for _ in range(5):
+            again = await alice.roster_get()
+            assert again.items == first.items and again.ver == first.ver
+        assert requests(ejabberd, "roster_iq", alice_jid) == asked + 1
+        # A change drops the cached answer: the next get is the program's, with a new ver.
+        await alice.roster_set(bob_jid, name="Robert")
+        changed = await alice.roster_get()
+        assert changed.items[bob_jid].name == "Robert" and changed.ver != first.ver
+
+    asyncio.run(scenario())
+
+
 def test_cache_off_still_serves(tmp_path: Path):
     from conftest import PASSWORD, _missing
     from xmpp_client import Client
