@@ -264,7 +264,6 @@ class Report:
         doc.write_text(self.markdown(png.name))
 
     def markdown(self, png_name: str) -> str:
-        s = self.scale
         labels = "\n".join(f"- `{key}`: {label}" for key, label, *_ in self.variants)
         machine = "\n".join(f"| {k} | {v} |" for k, v in self.machine.items())
         infos = self._infos()

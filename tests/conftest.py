@@ -95,17 +95,6 @@ def postgres_factory(tmp_path: Path) -> Iterator[StoreFactory]:
 
 
 # ejabberd 23.01's own SQL schema, as Debian's ejabberd package ships it.
-EJABBERD_PG_SQL = Path("/usr/share/ejabberd/sql/pg.sql")
-
-
-def load_ejabberd_schema(dsn: str) -> None:
-    """Create ejabberd's tables (its pg.sql, unchanged) in the first schema of `dsn`."""
-    if not EJABBERD_PG_SQL.is_file():
-        pytest.fail(f"{EJABBERD_PG_SQL} is missing: apt-get install ejabberd", pytrace=False)
-    with pg_cluster.TestServer.connect(dsn) as connection:
-        connection.execute(EJABBERD_PG_SQL.read_text(encoding="utf-8"))
-
-
 @contextlib.contextmanager
 def postgres_mapped_ejabberd_factory(tmp_path: Path) -> Iterator[StoreFactory]:
     # ejabberd's own tables (rosterusers, rostergroups, roster_version) through the packaged
@@ -113,7 +102,7 @@ def postgres_mapped_ejabberd_factory(tmp_path: Path) -> Iterator[StoreFactory]:
     server = pg_cluster.shared_server()
     schema = server.create_schema()
     try:
-        load_ejabberd_schema(server.dsn(schema))
+        pg_cluster.load_ejabberd_schema(server.dsn(schema))
         yield StoreFactory(
             adapter="postgres_mapped_ejabberd",
             opener=functools.partial(MappedPostgresStore, server.dsn(schema), mapping="ejabberd",

@@ -347,3 +347,20 @@ def stop_shared_server() -> None:
     if server is not None:
         server.stop()
 
+
+# ejabberd's own PostgreSQL schema, as Debian's ejabberd package ships it (the tests of the
+# ejabberd mapping load it unchanged).
+EJABBERD_PG_SQL = Path("/usr/share/ejabberd/sql/pg.sql")
+
+
+def ejabberd_pg_sql() -> str:
+    """The text of ejabberd's pg.sql; the test fails (never skips) when it is missing."""
+    if not EJABBERD_PG_SQL.is_file():
+        pytest.fail(f"{EJABBERD_PG_SQL} is missing: apt-get install ejabberd", pytrace=False)
+    return EJABBERD_PG_SQL.read_text(encoding="utf-8")
+
+
+def load_ejabberd_schema(dsn: str) -> None:
+    """Create ejabberd's tables (its pg.sql, unchanged) in the first schema of `dsn`."""
+    with TestServer.connect(dsn) as connection:
+        connection.execute(ejabberd_pg_sql())

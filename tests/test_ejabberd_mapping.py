@@ -13,12 +13,11 @@ driven over pipes as the shim drives it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from conftest import load_ejabberd_schema
+from pg_cluster import load_ejabberd_schema
 from roster_port.client import ProgramProcess
 
 pytestmark = pytest.mark.postgres

@@ -50,6 +50,10 @@ class RosterRow(NamedTuple):
     a stranger's subscription request is stored (with its text, to re-send at the next login)
     but is not a roster item, so it is never listed nor pushed.
 
+    `groups` is a set kept as a tuple: adapters that can keep the order written do, and one
+    that cannot (ejabberd's own schema) returns them in code point order (`put()` then returns
+    the row as it reads back).
+
     A named tuple rather than a dataclass: a 5,000-item roster makes 5,000 of them per read,
     and a tuple is built five times faster. Adapters keep the values valid (`subscription` one
     of SUBSCRIPTIONS, `groups` a tuple) with CHECK constraints; `valid()` checks one row.

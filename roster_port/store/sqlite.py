@@ -49,7 +49,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from roster_port.store.base import (
-    SUBSCRIPTIONS,
     DEFAULT_ORIGIN,
     ChangeFeed,
     OutsideChange,

@@ -35,11 +35,11 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ejabberd_harness import EJABBERD_LIBS, SHIM_EBIN, EjabberdServer
+from pg_cluster import ejabberd_pg_sql
 from xmpp_client import Client, Item
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
-EJABBERD_PG_SQL = Path("/usr/share/ejabberd/sql/pg.sql")
 PASSWORD = "secret"
 HOST = "localhost"
 USERS = ("alice", "bob", "carol", "dave")
@@ -52,8 +52,7 @@ def jid(username: str) -> str:
 @pytest.fixture
 def ejabberd_database(pg_server):
     """A fresh database holding ejabberd's pg.sql, unchanged; dropped afterwards."""
-    if not EJABBERD_PG_SQL.is_file():
-        pytest.fail(f"{EJABBERD_PG_SQL} is missing: apt-get install ejabberd", pytrace=False)
+    schema_sql = ejabberd_pg_sql()
     name = f"ejabberd_{uuid.uuid4().hex[:12]}"
     with pg_server.connect(pg_server.admin_dsn) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'")
@@ -61,7 +60,7 @@ def ejabberd_database(pg_server):
     dsn = make_conninfo(pg_server.admin_dsn, dbname=name)
     try:
         with pg_server.connect(dsn) as connection:
-            connection.execute(EJABBERD_PG_SQL.read_text(encoding="utf-8"))
+            connection.execute(schema_sql)
         yield dsn
     finally:
         with pg_server.connect(pg_server.admin_dsn) as admin:
