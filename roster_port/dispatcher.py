@@ -43,7 +43,12 @@ Handler = Callable[[RosterTxn, Rules, dict[str, Any]], Outcome]
 @dataclass(frozen=True)
 class Operation:
     handler: Handler
-    writes: bool  # opens a read-modify-write transaction rather than a snapshot
+    # Whether the request opens a read-modify-write transaction (a lock on the user's roster)
+    # rather than a snapshot: a bool, or a function of the args when it depends on them.
+    writes: bool | Callable[[dict[str, Any]], bool]
+
+    def writes_for(self, args: dict[str, Any]) -> bool:
+        return self.writes(args) if callable(self.writes) else self.writes
 
 
 def _text_arg(args: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
@@ -108,7 +113,8 @@ def _store_set_item(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outco
 
 OPERATIONS: dict[str, Operation] = {
     "roster_get": Operation(lambda txn, rules, args: roster.roster_get(txn, rules), writes=False),
-    "roster_iq": Operation(_roster_iq, writes=True),
+    # A roster get only reads: no lock, so it never waits for (nor delays) a write.
+    "roster_iq": Operation(_roster_iq, writes=lambda args: args.get("type") != "get"),
     "in_subscription": Operation(_subscription_handler(Direction.IN), writes=True),
     "out_subscription": Operation(_subscription_handler(Direction.OUT), writes=True),
     "jid_info": Operation(
@@ -192,7 +198,7 @@ class Dispatcher:
         if operation is None:
             raise ProtocolError("unknown_op", f"unknown op {request.op!r}")
         user = self._user(request.args)
-        scope = self.store.transaction if operation.writes else self.store.snapshot
+        scope = self.store.transaction if operation.writes_for(request.args) else self.store.snapshot
         with scope(user) as txn:
             outcome = operation.handler(txn, self.rules, request.args)
         return {**outcome.result, "effects": [effect.to_wire() for effect in outcome.effects]}

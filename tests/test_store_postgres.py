@@ -254,6 +254,62 @@ def test_the_version_is_a_counter_kept_after_every_row_is_deleted(open_store, ds
                                   (ALICE,)).fetchone() == (4,)
 
 
+def test_version_and_count_inside_a_transaction_follow_its_writes(open_store, dsn):
+    # The version comes with the lock and is read again after a write; a get of a missing
+    # contact brings the count along (postgres.py, _PostgresTxn): neither may go stale.
+    store = open_store()
+    put(store, ALICE, RosterRow("a@example.com"))
+    with store.transaction(ALICE) as txn:
+        assert txn.version() == "1"
+        assert txn.get("b@example.com") is None
+        assert txn.count() == 1
+        txn.put(RosterRow("b@example.com"))
+        assert (txn.version(), txn.count()) == ("2", 2)
+        assert txn.get("a@example.com") == RosterRow("a@example.com")
+        txn.delete("a@example.com")
+        assert (txn.version(), txn.count()) == ("3", 1)
+        txn.delete("nobody@example.com")  # nothing deleted: the version stays
+        assert txn.version() == "3"
+        assert txn.get("c@example.com") is None
+        assert txn.count() == 1
+    assert version(store, ALICE) == "3"
+    with store.snapshot(ALICE) as txn:
+        assert (txn.version(), txn.count()) == ("3", 1)
+
+
+def test_a_transaction_waiting_for_the_lock_reads_what_the_holder_committed(open_store):
+    # The lock and the version come from one statement, sent with the scope's first read: the
+    # reads after it must see the holder's writes, the version must be the holder's last.
+    holder, waiter = open_store(), open_store()
+    put(holder, ALICE, RosterRow("a@example.com", name="old"))
+    seen: list = []
+    entered = threading.Event()
+
+    def wait_for_the_lock() -> None:
+        entered.wait(timeout=10)
+        with waiter.transaction(ALICE) as txn:
+            seen.append((txn.get("a@example.com"), txn.count(), txn.version()))
+
+    thread = threading.Thread(target=wait_for_the_lock)
+    thread.start()
+    with holder.transaction(ALICE) as txn:
+        txn.put(RosterRow("a@example.com", name="new"))
+        txn.put(RosterRow("b@example.com"))
+        entered.set()
+        time.sleep(0.3)  # the waiter is blocked on the lock meanwhile
+    thread.join(timeout=10)
+    assert seen == [(RosterRow("a@example.com", name="new"), 2, "3")]
+
+
+def test_a_scope_that_runs_no_statement_sends_nothing(open_store, dsn):
+    store = open_store()
+    with store.transaction(ALICE):
+        pass
+    with psycopg.connect(dsn) as connection:  # not even the counter row was made
+        assert connection.execute("SELECT count(*) FROM roster_versions").fetchone() == (0,)
+    assert version(store, ALICE) == "0"
+
+
 # --- Locks and concurrency ------------------------------------------------------------------
 
 

@@ -19,9 +19,9 @@ LISTENs on the channel. A notification only wakes it: the entries themselves are
 table, so a notification lost while disconnected loses nothing. Each `read()`:
 
 1. drains the notifications received (they carry nothing we need);
-2. in one REPEATABLE READ transaction, takes the snapshot S (`pg_current_snapshot()`) and reads
-   the entries not stamped with its own origin that were not visible in the previous read's
-   snapshot P;
+2. in one statement (one round trip; a statement sees one snapshot), takes that snapshot S
+   (`pg_current_snapshot()`) and reads the entries not stamped with its own origin that were
+   not visible in the previous read's snapshot P;
 3. keeps S as the new P, and goes back to 2. if a notification arrived meanwhile (libpq may
    have read it off the socket during step 2, and the socket would not wake us again).
 
@@ -160,6 +160,20 @@ def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
                 user_setting=sql.Literal(ORIGIN_USER_SETTING), channel=sql.Literal(CHANNEL)))
 
 
+# The feed's read (see _read_entries): this statement's snapshot S, and the entries not
+# stamped with the feed's origin that the previous snapshot P (xmax, xip) did not show.
+_READ_ENTRIES = """
+    SELECT pg_snapshot_xmax(s)::text,
+           ARRAY(SELECT pg_snapshot_xip(s)::text),
+           coalesce((SELECT json_agg(json_build_array(username, contact, old_subscription,
+                                                      new_subscription) ORDER BY id)
+                     FROM roster_port_changes
+                     WHERE (xact >= %s::text::xid8 OR xact = ANY(%s::text[]::xid8[]))
+                       AND origin IS DISTINCT FROM %s), '[]'::json)
+    FROM pg_current_snapshot() AS s
+"""
+
+
 class PostgresChangeFeed(ChangeFeed):
     """Entries of `roster_port_changes` not stamped with `origin`, woken by LISTEN/NOTIFY.
 
@@ -277,30 +291,25 @@ class PostgresChangeFeed(ChangeFeed):
         return sum(1 for _ in self._connection.notifies(timeout=0))
 
     def _read_entries(self) -> list[OutsideChange]:
-        """The entries not visible in the previous snapshot; then this one becomes it."""
+        """The entries not visible in the previous snapshot; then this one becomes it.
+
+        One statement, one round trip: a statement runs in one snapshot (autocommit, READ
+        COMMITTED), which is both the snapshot S it returns and the one its entries are read in.
+        """
         assert self._connection is not None
-        connection = self._connection
-        # One snapshot for both statements. (On an error, the caller closes the connection,
-        # which ends the transaction.)
-        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        xmax, xip = self._current_snapshot(connection)
-        if self._xmax is not None and xmax < self._xmax:
+        if self._xmax is None:  # the first snapshot: changes from now on
+            self._xmax, self._xip = self._current_snapshot(self._connection)
+            return []
+        xmax, xip, records = self._connection.execute(
+            _READ_ENTRIES, (str(self._xmax), [str(xid) for xid in self._xip], self.origin),
+        ).fetchone()
+        xmax = int(xmax)
+        if xmax < self._xmax:
             log.warning("change feed on %s: transaction ids went backwards (%d after %d): "
                         "another database? reading its changes from now on",
                         self.dsn_shown, xmax, self._xmax)
-            self._xmax = None
-        if self._xmax is None:  # the first snapshot: changes from now on
             records = []
-        else:
-            records = connection.execute(
-                "SELECT username, contact, old_subscription, new_subscription "
-                "FROM roster_port_changes "
-                "WHERE (xact >= %s::text::xid8 OR xact = ANY(%s::text[]::xid8[])) "
-                "AND origin IS DISTINCT FROM %s ORDER BY id",
-                (str(self._xmax), [str(xid) for xid in self._xip], self.origin),
-            ).fetchall()
-        connection.execute("COMMIT")
-        self._xmax, self._xip = xmax, xip
+        self._xmax, self._xip = xmax, [int(xid) for xid in xip]
         return [OutsideChange(user, contact, old, new) for user, contact, old, new in records]
 
     @staticmethod

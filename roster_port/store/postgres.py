@@ -8,16 +8,18 @@ Each program process opens its own `PostgresStore`, which holds a small psycopg_
 share the store). Connections are in autocommit mode: every scope issues its own BEGIN and
 COMMIT, so an idle pooled connection never holds a transaction.
 
-- `transaction(user)` runs `BEGIN ISOLATION LEVEL READ COMMITTED`, then makes sure the user's row
-  exists in `roster_versions` (`INSERT ... ON CONFLICT DO NOTHING`) and locks it
-  (`SELECT ... FOR UPDATE`). That row lock serialises every read-modify-write on one user's
-  roster across processes and nodes, whichever of them comes first; users never wait for each
-  other. Once the lock is held, each READ COMMITTED statement sees everything committed before,
-  so nothing read inside the scope is stale. Waiting for the lock is bounded by `lock_timeout`;
-  waiting longer is `StoreUnavailable`.
-- `snapshot(user)` runs `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY`: one consistent view
-  for the whole scope (rows and version agree), no lock, never waits for a writer. Its
-  `RosterTxn` refuses writes, and so does the server.
+- `transaction(user)` runs `BEGIN ISOLATION LEVEL READ COMMITTED`, then locks the user's row in
+  `roster_versions`, creating it if missing, in one statement that also returns the version and
+  stamps the origin (`INSERT ... ON CONFLICT DO UPDATE SET counter = counter RETURNING ...`,
+  `_LOCK_USER`). Both go in one round trip with the scope's first statement (`_PostgresTxn`);
+  a scope that runs no statement sends nothing. That row lock serialises every
+  read-modify-write on one user's roster across processes and nodes, whichever of them comes
+  first; users never wait for each other. Once the lock is held, each READ COMMITTED statement
+  sees everything committed before, so nothing read inside the scope is stale. Waiting for the
+  lock is bounded by `lock_timeout`; waiting longer is `StoreUnavailable`.
+- `snapshot(user)` runs `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY` (in one round trip
+  with its first read): one consistent view for the whole scope (rows and version agree), no
+  lock, never waits for a writer. Its `RosterTxn` refuses writes, and so does the server.
 - Versions are kept by the database, not by this code: a trigger on `roster_items` bumps the
   user's counter in `roster_versions` on every INSERT, UPDATE and DELETE (and every user's on a
   TRUNCATE), so a write made by any other application in plain SQL moves the version too. The
@@ -28,9 +30,10 @@ COMMIT, so an idle pooled connection never holds a transaction.
   made outside XMPP; a TRUNCATE notifies an empty payload, meaning "anyone's".
 - Every change of a row is also logged in `roster_port_changes` by other triggers (migration 4,
   through `roster_port_log_change()`, see pg_changes.py), and each write transaction stamps its
-  entries with the store's `origin` (`set_origin()`, transaction-local) right after taking the
-  user's lock. `open_change_feed()` returns a `PostgresChangeFeed`: a connection of its own,
-  outside the pool, LISTENing on the channel and reading the entries of every other origin.
+  entries with the store's `origin` (set_origin()'s settings, transaction-local) in the
+  statement that takes the user's lock. `open_change_feed()` returns a `PostgresChangeFeed`:
+  a connection of its own, outside the pool, LISTENing on the channel and reading the entries
+  of every other origin.
 - Rows are ordered by contact in code point order: `username` and `contact` are
   `COLLATE "C"` (byte order of UTF-8, which is code point order), whatever the database's
   locale, and the primary key (username, contact) returns a roster in that order.
@@ -89,7 +92,13 @@ from roster_port.store.base import (
     StoreError,
     StoreUnavailable,
 )
-from roster_port.store.pg_changes import CHANNEL, PostgresChangeFeed, install_change_log, set_origin
+from roster_port.store.pg_changes import (
+    CHANNEL,
+    SET_ORIGIN_SQL,
+    PostgresChangeFeed,
+    install_change_log,
+    set_origin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -343,62 +352,161 @@ def _row_from_record(record: tuple) -> RosterRow:
     )
 
 
+# The statements of a scope, as text made once (not composed at every call).
+_SELECT_ROWS = sql.SQL(
+    'SELECT {} FROM roster_items WHERE username = %s ORDER BY contact COLLATE "C"'
+).format(_SELECT_COLUMNS).as_string(None)
+_SELECT_ROW = sql.SQL(
+    "SELECT {} FROM roster_items WHERE username = %s AND contact = %s"
+).format(_SELECT_COLUMNS).as_string(None)
+# In a write scope, `get` reads the row or, when there is none, the number of rows (what
+# `count` would read next, to check the roster size limit before a new item): one round trip
+# where two were. The count is computed only when the row is missing (a one-time filter).
+_SELECT_ROW_OR_COUNT = sql.SQL("""
+    SELECT {columns}, NULL::bigint FROM roster_items
+    WHERE username = %(user)s AND contact = %(contact)s
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           (SELECT count(*) FROM roster_items WHERE username = %(user)s)
+    WHERE NOT EXISTS (SELECT FROM roster_items
+                      WHERE username = %(user)s AND contact = %(contact)s)
+""").format(columns=_SELECT_COLUMNS).as_string(None)
+_UPSERT_ROW = """
+    INSERT INTO roster_items AS items (username, contact, name, subscription,
+                                       pending_out, pending_in, approved, in_roster,
+                                       groups, request_text)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s)
+    ON CONFLICT (username, contact) DO UPDATE SET
+        name = excluded.name,
+        subscription = excluded.subscription,
+        pending_out = excluded.pending_out,
+        pending_in = excluded.pending_in,
+        approved = excluded.approved,
+        in_roster = excluded.in_roster,
+        groups = excluded.groups,
+        request_text = excluded.request_text
+"""
+_DELETE_ROW = "DELETE FROM roster_items WHERE username = %s AND contact = %s"
+_DELETE_ROWS = "DELETE FROM roster_items WHERE username = %s"
+_COUNT_ROWS = "SELECT count(*) FROM roster_items WHERE username = %s"
+_READ_VERSION = "SELECT counter FROM roster_versions WHERE username = %s"
+# Takes the user's lock and reads the version, in one statement: the upsert creates the counter
+# row if missing (counter 0: version "0", so that there is a row to lock even for a user never
+# written) or, if it exists, locks it (waiting for a transaction holding it) and returns its
+# latest committed counter, which no one else can move until this transaction ends (the triggers
+# of any writer, ours or another application's, need that lock). `SET counter = counter` leaves
+# the value alone. The same statement stamps the change-log entries of this transaction's writes
+# with our origin (set_origin's settings, transaction-local).
+_LOCK_USER = ("INSERT INTO roster_versions AS versions (username) VALUES (%s) "
+              "ON CONFLICT (username) DO UPDATE SET counter = versions.counter "
+              "RETURNING counter, set_config('roster_port.origin', %s, true), "
+              "set_config('roster_port.origin_user', %s, true)")
+assert "set_config('roster_port.origin', %s, true)" in SET_ORIGIN_SQL  # same setting names
+
+
 class _PostgresTxn(RosterTxn):
-    """One user's roster inside one open transaction on one pooled connection."""
+    """One user's roster inside one open transaction on one pooled connection.
+
+    Statements and round trips are what a scope costs. The scope's opening statements (BEGIN,
+    and for a write scope the user's lock, one statement that also reads the version and sets
+    the origin) are not sent on their own but in one pipeline with the scope's first statement;
+    `version()` is free until the scope writes (then it is read once, when asked); a `get()` of
+    a missing contact in a write scope brings the count along. A scope that runs no statement
+    at all sends nothing, not even BEGIN.
+    """
 
     def __init__(self, store: "PostgresStore", connection: psycopg.Connection, user: str,
-                 refuse_writes_because: str | None) -> None:
+                 refuse_writes_because: str | None, opening: list[tuple[str, tuple]],
+                 lock_user: bool) -> None:
         self.user = user
         self._store = store
         self._connection = connection
         self._refuse_writes_because = refuse_writes_because
         self._open = True
+        self._opening = opening  # not sent yet; sent with the first statement
+        self._lock_user = lock_user
+        self._begun = False  # BEGIN sent: the scope ends with COMMIT or ROLLBACK
+        self._counter: int | None = None  # the version as it stands in this transaction
+        # The number of rows, once read (under the user's lock, only this scope changes it;
+        # every write forgets it).
+        self._count: int | None = None
 
-    def _execute(self, query: sql.Composable | str, parameters: tuple = ()) -> psycopg.Cursor:
+    def _execute(self, query: str, parameters: tuple | dict = (), *,
+                 writes: bool = False) -> psycopg.Cursor:
+        """Run `query` (after the opening statements, if not sent yet: in one round trip)."""
         if not self._open:
             raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
-        with self._store._translated_errors(self._connection):
-            return self._connection.execute(query, parameters)
+        if self._opening:
+            cursor = self._open_with(query, parameters)
+        else:
+            with self._store._translated_errors(self._connection):
+                cursor = self._connection.execute(query, parameters)
+        if writes:
+            # The triggers moved the version (and the count may have changed): read again
+            # when asked.
+            self._counter = None
+            self._count = None
+        return cursor
+
+    def _open_with(self, query: str, parameters: tuple | dict) -> psycopg.Cursor:
+        """The opening statements and `query` in one pipeline (one round trip).
+
+        A pooled connection may have died while idle (server restarted, session terminated):
+        it is found out here, before anything was done on the server (there was no COMMIT in
+        the pipeline, so nothing of it stays), and another connection takes over, as `_begin`
+        does. After at most pool_max of them the pool connects afresh, or times out.
+        """
+        store = self._store
+        for attempt in itertools.count(1):
+            connection = self._connection
+            try:
+                self._begun = True
+                with connection.pipeline():
+                    lock = None
+                    for opening_query, opening_parameters in self._opening:
+                        lock = connection.execute(opening_query, opening_parameters)
+                    cursor = connection.execute(query, parameters)
+            except psycopg.Error as exc:
+                if connection.broken and attempt <= store.pool_max:
+                    log.info("a pooled connection to %s was lost while idle (%s); "
+                             "taking another", store.dsn_shown, _one_line(exc))
+                    self._begun = False
+                    with store._translated_errors(None):
+                        replacement = store._pool.getconn()
+                    store._pool.putconn(connection)  # broken: the pool discards it
+                    self._connection = replacement
+                    continue
+                raise store._store_error(exc, connection) from exc
+            break
+        self._opening = []
+        if self._lock_user:
+            self._counter = _counter_of(lock)
+        return cursor
 
     def _check_writable(self, operation: str) -> None:
         if self._refuse_writes_because is not None:
             raise StoreError(f"{operation} refused: {self._refuse_writes_because}")
 
     def rows(self) -> list[RosterRow]:
-        cursor = self._execute(
-            sql.SQL('SELECT {} FROM roster_items WHERE username = %s ORDER BY contact COLLATE "C"')
-            .format(_SELECT_COLUMNS),
-            (self.user,),
-        )
+        cursor = self._execute(_SELECT_ROWS, (self.user,))
         return [_row_from_record(record) for record in cursor]
 
     def get(self, contact: str) -> RosterRow | None:
-        record = self._execute(
-            sql.SQL("SELECT {} FROM roster_items WHERE username = %s AND contact = %s")
-            .format(_SELECT_COLUMNS),
-            (self.user, contact),
-        ).fetchone()
-        return None if record is None else _row_from_record(record)
+        if not self._lock_user:
+            record = self._execute(_SELECT_ROW, (self.user, contact)).fetchone()
+            return None if record is None else _row_from_record(record)
+        record = self._execute(_SELECT_ROW_OR_COUNT,
+                               {"user": self.user, "contact": contact}).fetchone()
+        if record[0] is None:  # no such row: the count of the others came instead
+            self._count = record[-1]
+            return None
+        return _row_from_record(record[:-1])
 
     def put(self, row: RosterRow) -> None:
         self._check_writable("put")
         # An upsert: one UPDATE of an existing row (one version bump), never delete + insert.
         self._execute(
-            """
-            INSERT INTO roster_items AS items (username, contact, name, subscription,
-                                               pending_out, pending_in, approved, in_roster,
-                                               groups, request_text)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s)
-            ON CONFLICT (username, contact) DO UPDATE SET
-                name = excluded.name,
-                subscription = excluded.subscription,
-                pending_out = excluded.pending_out,
-                pending_in = excluded.pending_in,
-                approved = excluded.approved,
-                in_roster = excluded.in_roster,
-                groups = excluded.groups,
-                request_text = excluded.request_text
-            """,
+            _UPSERT_ROW,
             (
                 self.user,
                 row.contact,
@@ -411,27 +519,33 @@ class _PostgresTxn(RosterTxn):
                 list(row.groups),
                 row.request_text,
             ),
+            writes=True,
         )
 
     def delete(self, contact: str) -> None:
         self._check_writable("delete")
-        self._execute("DELETE FROM roster_items WHERE username = %s AND contact = %s",
-                      (self.user, contact))
+        self._execute(_DELETE_ROW, (self.user, contact), writes=True)
 
     def delete_all(self) -> None:
         self._check_writable("delete_all")
-        self._execute("DELETE FROM roster_items WHERE username = %s", (self.user,))
+        self._execute(_DELETE_ROWS, (self.user,), writes=True)
 
     def count(self) -> int:
-        return self._execute(
-            "SELECT count(*) FROM roster_items WHERE username = %s", (self.user,)
-        ).fetchone()[0]
+        if self._count is None:
+            self._count = self._execute(_COUNT_ROWS, (self.user,)).fetchone()[0]
+        return self._count
 
     def version(self) -> str:
-        record = self._execute(
-            "SELECT counter FROM roster_versions WHERE username = %s", (self.user,)
-        ).fetchone()
-        return "0" if record is None else str(record[0])
+        if self._counter is None:
+            # A snapshot (no lock), a write since the lock, or nothing run yet: read it (with
+            # the opening statements, if not sent yet).
+            self._counter = _counter_of(self._execute(_READ_VERSION, (self.user,)))
+        return str(self._counter)
+
+
+def _counter_of(cursor: psycopg.Cursor) -> int:
+    record = cursor.fetchone()
+    return 0 if record is None else record[0]
 
 
 class PostgresStore(RosterStore):
@@ -539,16 +653,25 @@ class PostgresStore(RosterStore):
             raise StoreError("a transaction is already open on this store (no nesting)")
         self._scopes_in_thread.open = True
         try:
-            connection = self._begin(begin, user, lock_user)
-            txn = _PostgresTxn(self, connection, user, refuse_writes_because)
+            # BEGIN (and the lock) go with the scope's first statement (_PostgresTxn).
+            opening = [(begin, ())]
+            if lock_user:
+                opening.append((_LOCK_USER, (user, self.origin, user)))
+            with self._translated_errors(None):
+                connection = self._pool.getconn()
+            txn = _PostgresTxn(self, connection, user, refuse_writes_because, opening,
+                               lock_user)
             try:
                 yield txn
             except BaseException:
                 txn._open = False
-                self._rollback(connection)
+                self._rollback(txn._connection)
                 raise
             txn._open = False
-            self._commit(connection)
+            if txn._begun:
+                self._commit(txn._connection)
+            else:  # no statement ran: nothing to commit
+                self._give_back(txn._connection)
         finally:
             self._scopes_in_thread.open = False
 
