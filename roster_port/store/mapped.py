@@ -85,7 +85,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.pq import TransactionStatus
 
 from .base import SUBSCRIPTIONS, RosterRow, RosterTxn, StoreError
 from .pg_changes import set_origin
@@ -615,22 +614,9 @@ class MappedPostgresStore(PostgresStore):
 
     # --- Opening: no schema of our own, a mapping to validate -------------------------------
 
-    def _prepare_database(self) -> None:
-        with self._translated_errors(None):
-            connection = self._pool.getconn()
-        try:
-            with self._translated_errors(connection):
-                encoding = connection.execute("SHOW server_encoding").fetchone()[0]
-                if encoding != "UTF8":
-                    raise StoreError(
-                        f"the PostgreSQL database {self.dsn_shown} is encoded in {encoding}; "
-                        "rosters need UTF8")
-                self._validate(connection)
-        finally:
-            if connection.info.transaction_status != TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):
-                    connection.execute("ROLLBACK")
-            self._give_back(connection)
+    def _set_up(self, connection: psycopg.Connection) -> None:
+        """No schema of our own to migrate: check the mapping against the database instead."""
+        self._validate(connection)
 
     def _validate(self, connection: psycopg.Connection) -> None:
         """Plan every statement, run every reading one, in a READ ONLY transaction rolled back.

@@ -822,9 +822,18 @@ class PostgresStore(RosterStore):
                     raise StoreError(
                         f"the PostgreSQL database {self.dsn_shown} is encoded in {encoding}; "
                         "rosters need UTF8 (CREATE DATABASE ... ENCODING 'UTF8')")
-                self._migrate(connection)
+                self._set_up(connection)
         finally:
+            # A set-up step that failed halfway leaves its transaction open: roll it back.
+            if connection.info.transaction_status in (TransactionStatus.INTRANS,
+                                                      TransactionStatus.INERROR):
+                with contextlib.suppress(psycopg.Error):
+                    connection.execute("ROLLBACK")
             self._give_back(connection)
+
+    def _set_up(self, connection: psycopg.Connection) -> None:
+        """Make the database ready to serve: here, apply the pending migrations."""
+        self._migrate(connection)
 
     def _migrate(self, connection: psycopg.Connection) -> None:
         pending = self._pending_migrations(connection)
