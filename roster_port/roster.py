@@ -257,10 +257,10 @@ def subscription(
         # A subscription to oneself means nothing (RFC 6121 3: a user's server handles its own
         # presence); never store the user in their own roster.
         return Outcome({answer_key: event.direction is Direction.OUT})
-    row = txn.get(contact)
     if rules.policy.read_only:
         # The application owns relationships: nothing changes, nothing is delivered.
         return Outcome({answer_key: False})
+    row = txn.get(contact)
     if row is None:
         if txn.count() >= rules.limits.max_items:
             log.warning("%s: roster full, ignoring %s from/to %s", txn.user, event, contact)
