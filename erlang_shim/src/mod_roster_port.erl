@@ -227,7 +227,7 @@ roster_get(Acc, {LUser, LServer}) ->
             ReadAt = roster_port_cache:stamp(),
             case call(LServer, LUser, <<"roster_get">>, #{}) of
                 {ok, #{<<"items">> := WireItems}} ->
-                    Items = [wire_to_roster_item(I) || I <- WireItems],
+                    Items = [roster_port_wire:wire_to_roster_item(I) || I <- WireItems],
                     roster_port_cache:store_roster(Cache, User, ReadAt, Items),
                     Items ++ Acc;
                 _ ->
@@ -237,9 +237,9 @@ roster_get(Acc, {LUser, LServer}) ->
 
 in_subscription(_Acc, #presence{from = From, to = To, type = Type} = Pres) ->
     #jid{luser = LUser, lserver = LServer} = To,
-    Args = #{<<"contact">> => bare(From),
+    Args = #{<<"contact">> => roster_port_wire:bare(From),
              <<"type">> => atom_to_binary(Type),
-             <<"status">> => status(Pres)},
+             <<"status">> => roster_port_wire:status(Pres)},
     case call(LServer, LUser, <<"in_subscription">>, Args, #{keep => true}) of
         {ok, #{<<"deliver">> := Deliver}} -> Deliver == true;
         _ -> false
@@ -274,9 +274,9 @@ out_subscription(#presence{from = #jid{luser = LUser, lserver = LServer}} = Pres
 
 %% Returns whether the presence must still be routed to the contact.
 forward_out_subscription(LServer, LUser, #presence{to = To, type = Type} = Pres) ->
-    Args = #{<<"contact">> => bare(To),
+    Args = #{<<"contact">> => roster_port_wire:bare(To),
              <<"type">> => atom_to_binary(Type),
-             <<"status">> => status(Pres)},
+             <<"status">> => roster_port_wire:status(Pres)},
     case call(LServer, LUser, <<"out_subscription">>, Args, #{keep => true}) of
         {ok, #{<<"route">> := false}} -> false;
         _ -> true
@@ -303,9 +303,9 @@ get_jid_info(_Acc, User, Server, JID) ->
     end.
 
 ask_jid_info(LServer, LUser, Contact) ->
-    case call(LServer, LUser, <<"jid_info">>, #{<<"contact">> => bare(Contact)}) of
+    case call(LServer, LUser, <<"jid_info">>, #{<<"contact">> => roster_port_wire:bare(Contact)}) of
         {ok, #{<<"subscription">> := Sub, <<"ask">> := Ask} = R} ->
-            {subscription(Sub), pending(Ask), maps:get(<<"groups">>, R, [])};
+            {roster_port_wire:subscription(Sub), roster_port_wire:pending(Ask), maps:get(<<"groups">>, R, [])};
         _ ->
             {none, none, []}
     end.
@@ -315,8 +315,8 @@ load_jid_info(Cache, LServer, LUser, Contact) ->
     case call(LServer, LUser, <<"store_get_roster">>, #{}) of
         {ok, #{<<"items">> := Items}} when is_list(Items) ->
             try [{contact_key(jid:decode(J)),
-                  {subscription(maps:get(<<"subscription">>, I, <<"none">>)),
-                   pending(maps:get(<<"ask">>, I, <<"none">>)),
+                  {roster_port_wire:subscription(maps:get(<<"subscription">>, I, <<"none">>)),
+                   roster_port_wire:pending(maps:get(<<"ask">>, I, <<"none">>)),
                    maps:get(<<"groups">>, I, [])}}
                  || #{<<"jid">> := J} = I <- Items] of
                 Entries ->
@@ -363,7 +363,7 @@ c2s_self_presence({#presence{type = available, priority = Prio} = Pres,
                        fun(#{<<"from">> := From} = R, S) ->
                                Sub = #presence{from = jid:decode(From), to = BareJID,
                                                type = subscribe,
-                                               status = text(maps:get(<<"status">>, R, nil))},
+                                               status = roster_port_wire:text(maps:get(<<"status">>, R, nil))},
                                ejabberd_c2s:send(S, Sub)
                        end, State, Requests),
             {Pres, State1};
@@ -410,7 +410,7 @@ process_roster_iq(#iq{type = get, to = #jid{luser = LUser, lserver = LServer},
                   false = RemoteAccess) ->
     Cache = roster_port_pool:cache(LServer),
     User = <<LUser/binary, "@", LServer/binary>>,
-    ClientVer = nil_if_undefined(Ver),
+    ClientVer = roster_port_wire:nil_if_undefined(Ver),
     case roster_port_cache:lookup_iq(Cache, User) of
         {ok, {CachedVer, _}} when is_binary(CachedVer), CachedVer == ClientVer ->
             xmpp:make_iq_result(IQ);
@@ -437,16 +437,16 @@ roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
                  get ->
                      allow
              end,
-    Args = #{<<"requester">> => bare(From),
+    Args = #{<<"requester">> => roster_port_wire:bare(From),
              <<"remote_access">> => RemoteAccess,
              <<"type">> => atom_to_binary(Type),
-             <<"items">> => [client_item(I) || I <- Items],
-             <<"ver">> => nil_if_undefined(Ver),
+             <<"items">> => [roster_port_wire:client_item(I) || I <- Items],
+             <<"ver">> => roster_port_wire:nil_if_undefined(Ver),
              <<"access">> => atom_to_binary(Access)},
     case call(LServer, LUser, <<"roster_iq">>, Args) of
         {ok, #{<<"items">> := WireItems} = R} when Type == get, is_list(WireItems) ->
-            RosterItems = [wire_to_roster_item(I) || I <- WireItems],
-            Query = roster_query(WireItems, RosterItems, maps:get(<<"ver">>, R, nil)),
+            RosterItems = [roster_port_wire:wire_to_roster_item(I) || I <- WireItems],
+            Query = roster_port_wire:roster_query(WireItems, RosterItems, maps:get(<<"ver">>, R, nil)),
             keep_iq_answer(CacheAs, R, Query, RosterItems),
             xmpp:make_iq_result(IQ, Query);
         {ok, R} when Type == get ->
@@ -455,7 +455,7 @@ roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
         {ok, _} ->
             xmpp:make_iq_result(IQ);
         {error, {program, #{<<"stanza_error">> := #{} = E}}} ->
-            xmpp:make_error(IQ, stanza_error(E, Lang));
+            xmpp:make_error(IQ, roster_port_wire:stanza_error(E, Lang));
         Error ->
             ?WARNING_MSG("roster-port: roster ~ts of ~ts@~ts not served: ~p",
                          [Type, LUser, LServer, Error]),
@@ -480,54 +480,6 @@ keep_iq_answer({Cache, User, ReadAt}, R, Query, RosterItems)
     end;
 keep_iq_answer(_CacheAs, _R, _Query, _RosterItems) ->
     ok.
-
-client_item(#roster_item{jid = JID, name = Name, subscription = Sub, ask = Ask,
-                         groups = Groups}) ->
-    #{<<"jid">> => jid:encode(JID),
-      <<"name">> => case Name of <<>> -> nil; _ -> Name end,
-      <<"subscription">> => atom_to_binary(Sub),
-      <<"ask">> => nil_if_undefined(Ask),
-      <<"groups">> => Groups}.
-
-stanza_error(#{<<"type">> := Type, <<"condition">> := Condition} = E, Lang) ->
-    #stanza_error{type = one_of(Type, [modify, cancel, auth, wait], cancel),
-                  reason = one_of(Condition, stanza_conditions(), 'undefined-condition'),
-                  text = case maps:get(<<"text">>, E, nil) of
-                             T when is_binary(T), T /= <<>> -> xmpp:mk_text(T, Lang);
-                             _ -> []
-                         end}.
-
-stanza_conditions() ->
-    ['bad-request', conflict, 'feature-not-implemented', forbidden, gone,
-     'internal-server-error', 'item-not-found', 'jid-malformed', 'not-acceptable',
-     'not-allowed', 'not-authorized', 'policy-violation', 'recipient-unavailable',
-     redirect, 'registration-required', 'remote-server-not-found',
-     'remote-server-timeout', 'resource-constraint', 'service-unavailable',
-     'subscription-required', 'undefined-condition', 'unexpected-request'].
-
-%% A <query/> with the items. xmpp 1.6.1's #roster_item has no `approved`,
-%% so the query is encoded and then approved='true' is added to the items
-%% that carry it.
-roster_query(WireItems, Ver) ->
-    roster_query(WireItems, [wire_to_roster_item(I) || I <- WireItems], Ver).
-
-roster_query(WireItems, RosterItems, Ver) ->
-    Query = #roster_query{items = RosterItems, ver = undefined_if_nil(Ver)},
-    case [jid:encode(jid:decode(J)) || #{<<"jid">> := J, <<"approved">> := true} <- WireItems] of
-        [] ->
-            Query;
-        Approved ->
-            #xmlel{children = Children} = El = xmpp:encode(Query),
-            El#xmlel{children = [mark_approved(C, Approved) || C <- Children]}
-    end.
-
-mark_approved(#xmlel{name = <<"item">>, attrs = Attrs} = El, Approved) ->
-    case lists:member(proplists:get_value(<<"jid">>, Attrs), Approved) of
-        true -> El#xmlel{attrs = Attrs ++ [{<<"approved">>, <<"true">>}]};
-        false -> El
-    end;
-mark_approved(El, _) ->
-    El.
 
 %%%===================================================================
 %%% Effects
@@ -564,7 +516,7 @@ local_resources(LUser, LServer) ->
 
 effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) ->
     #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
-    Query = roster_query([Item], maps:get(<<"ver">>, E, nil)),
+    Query = roster_port_wire:roster_query([Item], maps:get(<<"ver">>, E, nil)),
     lists:foreach(
       fun(Resource) ->
               ejabberd_router:route(
@@ -577,8 +529,8 @@ effect(#{<<"type">> := <<"route_presence">>, <<"from">> := From, <<"to">> := To,
          <<"presence_type">> := Type} = E) ->
     ejabberd_router:route(
       #presence{from = jid:decode(From), to = jid:decode(To),
-                type = presence_type(Type),
-                status = text(maps:get(<<"status">>, E, nil))});
+                type = roster_port_wire:presence_type(Type),
+                status = roster_port_wire:text(maps:get(<<"status">>, E, nil))});
 effect(#{<<"type">> := <<"send_presence">>, <<"user">> := User, <<"to">> := To}) ->
     #jid{luser = LUser, lserver = LServer} = jid:decode(User),
     ToJID = jid:decode(To),
@@ -627,8 +579,8 @@ handle_async(Host, {Kind, Op, Args, Error}) ->
 deliver_late_presence(#{<<"user">> := User, <<"contact">> := Contact,
                         <<"type">> := Type} = Args) ->
     #jid{luser = LUser, lserver = LServer} = UserJID = jid:decode(User),
-    Pres = #presence{from = jid:decode(Contact), type = presence_type(Type),
-                     status = text(maps:get(<<"status">>, Args, nil))},
+    Pres = #presence{from = jid:decode(Contact), type = roster_port_wire:presence_type(Type),
+                     status = roster_port_wire:text(maps:get(<<"status">>, Args, nil))},
     lists:foreach(
       fun({_Prio, Resource}) ->
               case ejabberd_sm:get_session_pid(LUser, LServer, Resource) of
@@ -652,7 +604,7 @@ init(_Host, _Opts) ->
     ok.
 
 import(LServer, <<"rosterusers">>, #roster{us = {LUser, _}} = R) ->
-    _ = store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => record_to_map(R)}),
+    _ = store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => roster_port_wire:record_to_map(R)}),
     ok;
 import(_LServer, _Table, _Data) ->
     %% Versions belong to the program.
@@ -671,14 +623,14 @@ write_roster_version(_LUser, _LServer, _InTransaction, _Ver) ->
 get_roster(LUser, LServer) ->
     case store(LServer, LUser, <<"store_get_roster">>, #{}) of
         {ok, #{<<"items">> := Items}} ->
-            {ok, [map_to_record(LUser, LServer, I) || I <- Items]};
+            {ok, [roster_port_wire:map_to_record(LUser, LServer, I) || I <- Items]};
         _ ->
             error
     end.
 
 get_roster_item(LUser, LServer, LJID) ->
-    case store(LServer, LUser, <<"store_get_item">>, #{<<"contact">> => bare(LJID)}) of
-        {ok, #{<<"item">> := #{} = Item}} -> {ok, map_to_record(LUser, LServer, Item)};
+    case store(LServer, LUser, <<"store_get_item">>, #{<<"contact">> => roster_port_wire:bare(LJID)}) of
+        {ok, #{<<"item">> := #{} = Item}} -> {ok, roster_port_wire:map_to_record(LUser, LServer, Item)};
         _ -> error
     end.
 
@@ -705,13 +657,13 @@ remove_user(LUser, LServer) ->
     end.
 
 update_roster(LUser, LServer, _LJID, Item) ->
-    case store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => record_to_map(Item)}) of
+    case store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => roster_port_wire:record_to_map(Item)}) of
         {ok, _} -> ok;
         Error -> error({roster_port, Error})
     end.
 
 del_roster(LUser, LServer, LJID) ->
-    case store(LServer, LUser, <<"store_del_item">>, #{<<"contact">> => bare(LJID)}) of
+    case store(LServer, LUser, <<"store_del_item">>, #{<<"contact">> => roster_port_wire:bare(LJID)}) of
         {ok, _} -> ok;
         Error -> error({roster_port, Error})
     end.
@@ -814,75 +766,3 @@ call(LServer, LUser, Op, Args, CallOpts) ->
             Error
     end.
 
-bare(#jid{} = JID) -> jid:encode(jid:remove_resource(JID));
-bare({U, S, _R}) -> jid:encode({U, S, <<>>}).
-
-status(#presence{status = Status}) ->
-    case xmpp:get_text(Status) of
-        <<>> -> nil;
-        Text -> Text
-    end.
-
-text(nil) -> [];
-text(<<>>) -> [];
-text(Text) when is_binary(Text) -> xmpp:mk_text(Text).
-
-nil_if_undefined(undefined) -> nil;
-nil_if_undefined(V) -> V.
-
-undefined_if_nil(nil) -> undefined;
-undefined_if_nil(V) -> V.
-
-one_of(Bin, Atoms, Default) when is_binary(Bin) ->
-    case [A || A <- Atoms, atom_to_binary(A) == Bin] of
-        [A | _] -> A;
-        [] -> Default
-    end;
-one_of(_, _, Default) ->
-    Default.
-
-subscription(S) -> one_of(S, [none, to, from, both, remove], none).
-pending(A) -> one_of(A, [none, in, out, both, subscribe, unsubscribe], none).
-presence_type(T) ->
-    one_of(T, [available, unavailable, subscribe, subscribed, unsubscribe,
-               unsubscribed, probe, error], available).
-
-wire_to_roster_item(#{<<"jid">> := J} = I) ->
-    #roster_item{jid = jid:decode(J),
-                 name = case maps:get(<<"name">>, I, nil) of
-                            N when is_binary(N) -> N;
-                            _ -> <<>>
-                        end,
-                 subscription = subscription(maps:get(<<"subscription">>, I, <<"none">>)),
-                 ask = case maps:get(<<"ask">>, I, nil) of
-                           <<"subscribe">> -> subscribe;
-                           _ -> undefined
-                       end,
-                 groups = maps:get(<<"groups">>, I, [])}.
-
-record_to_map(#roster{jid = LJID, name = Name, subscription = Sub, ask = Ask,
-                      groups = Groups, askmessage = AskMessage}) ->
-    #{<<"jid">> => bare(LJID),
-      <<"name">> => Name,
-      <<"subscription">> => atom_to_binary(Sub),
-      <<"ask">> => atom_to_binary(Ask),
-      <<"groups">> => Groups,
-      <<"askmessage">> => case AskMessage of
-                              M when is_binary(M) -> M;
-                              _ -> <<>>
-                          end,
-      <<"approved">> => false}.
-
-map_to_record(LUser, LServer, #{<<"jid">> := J} = M) ->
-    LJID = jid:tolower(jid:remove_resource(jid:decode(J))),
-    #roster{usj = {LUser, LServer, LJID},
-            us = {LUser, LServer},
-            jid = LJID,
-            name = bin(maps:get(<<"name">>, M, <<>>)),
-            subscription = subscription(maps:get(<<"subscription">>, M, <<"none">>)),
-            ask = pending(maps:get(<<"ask">>, M, <<"none">>)),
-            groups = maps:get(<<"groups">>, M, []),
-            askmessage = bin(maps:get(<<"askmessage">>, M, <<>>))}.
-
-bin(B) when is_binary(B) -> B;
-bin(_) -> <<>>.
