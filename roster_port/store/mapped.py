@@ -538,13 +538,8 @@ class MappedPostgresStore(PostgresStore):
     @contextlib.contextmanager
     def _mapped_scope(self, user: str, begin: str, *, lock: bool,
                       refuse_writes_because: str | None) -> Iterator[RosterTxn]:
-        if self._closed:
-            raise StoreError(f"the store on {self.dsn_shown} is closed")
-        if getattr(self._scopes_in_thread, "open", False):
-            raise StoreError("a transaction is already open on this store (no nesting)")
-        self._scopes_in_thread.open = True
-        try:
-            connection = self._begin(begin, user, False)
+        with self._one_scope_in_thread():
+            connection = self._begin(begin)
             txn = _MappedTxn(self, connection, user, refuse_writes_because)
             try:
                 if lock:
@@ -560,8 +555,6 @@ class MappedPostgresStore(PostgresStore):
                 raise
             txn._open = False
             self._commit(connection)
-        finally:
-            self._scopes_in_thread.open = False
 
     # --- Rows -------------------------------------------------------------------------------
 

@@ -97,7 +97,6 @@ from roster_port.store.pg_changes import (
     SET_ORIGIN_SQL,
     PostgresChangeFeed,
     install_change_log,
-    set_origin,
 )
 
 log = logging.getLogger(__name__)
@@ -267,7 +266,7 @@ def _create_version_triggers(connection: psycopg.Connection, schema: sql.Identif
 @_migration(4, "change_log")
 def _create_change_log(connection: psycopg.Connection, schema: sql.Identifier) -> None:
     # Every change of a row, by anyone, is logged (pg_changes.py): the program stamps the
-    # entries of its own transactions with its origin (set_origin in _begin), other
+    # entries of its own transactions with its origin (in _LOCK_USER), other
     # applications' have none, and PostgresChangeFeed reports those not of its own node.
     install_change_log(connection, schema)
     connection.execute(sql.SQL("""
@@ -645,14 +644,7 @@ class PostgresStore(RosterStore):
     @contextlib.contextmanager
     def _scope(self, user: str, begin: str, *, lock_user: bool,
                refuse_writes_because: str | None) -> Iterator[RosterTxn]:
-        if self._closed:
-            raise StoreError(f"the store on {self.dsn_shown} is closed")
-        if getattr(self._scopes_in_thread, "open", False):
-            # Another connection would serve it, but a transaction on the same user would wait
-            # for its own lock; no adapter nests scopes.
-            raise StoreError("a transaction is already open on this store (no nesting)")
-        self._scopes_in_thread.open = True
-        try:
+        with self._one_scope_in_thread():
             # BEGIN (and the lock) go with the scope's first statement (_PostgresTxn).
             opening = [(begin, ())]
             if lock_user:
@@ -672,11 +664,24 @@ class PostgresStore(RosterStore):
                 self._commit(txn._connection)
             else:  # no statement ran: nothing to commit
                 self._give_back(txn._connection)
+
+    @contextlib.contextmanager
+    def _one_scope_in_thread(self) -> Iterator[None]:
+        """Refuse a scope on a closed store, or inside another scope of the same thread."""
+        if self._closed:
+            raise StoreError(f"the store on {self.dsn_shown} is closed")
+        if getattr(self._scopes_in_thread, "open", False):
+            # Another connection would serve it, but a transaction on the same user would wait
+            # for its own lock; no adapter nests scopes.
+            raise StoreError("a transaction is already open on this store (no nesting)")
+        self._scopes_in_thread.open = True
+        try:
+            yield
         finally:
             self._scopes_in_thread.open = False
 
-    def _begin(self, begin: str, user: str, lock_user: bool) -> psycopg.Connection:
-        """A connection from the pool with the scope's transaction begun (and `user` locked).
+    def _begin(self, begin: str) -> psycopg.Connection:
+        """A connection from the pool with the scope's transaction begun.
 
         The caller gives the connection back through `_commit` or `_rollback`.
         """
@@ -700,21 +705,6 @@ class PostgresStore(RosterStore):
                 self._pool.putconn(connection)
                 raise
             break
-        if lock_user:
-            try:
-                with self._translated_errors(connection):
-                    # The counter row is created if missing (counter 0: version "0") so that
-                    # there is a row to lock even for a user never written.
-                    connection.execute(
-                        "INSERT INTO roster_versions (username) VALUES (%s) "
-                        "ON CONFLICT (username) DO NOTHING", (user,))
-                    connection.execute(
-                        "SELECT 1 FROM roster_versions WHERE username = %s FOR UPDATE", (user,))
-                    # The change-log entries of this transaction's writes carry our origin.
-                    set_origin(connection, self.origin, user)
-            except BaseException:
-                self._rollback(connection)
-                raise
         return connection
 
     def _commit(self, connection: psycopg.Connection) -> None:
