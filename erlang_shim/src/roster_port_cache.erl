@@ -19,9 +19,19 @@
 %%%     so a read sent before the invalidation can never be used after it,
 %%%     whenever its answer comes back (rule (d) of the design).
 %%%   - Invalidating everything moves the `floor` (an atomic, outside the
-%%%     table) to a new stamp and then empties the table
-%%%     (ets:delete_all_objects/1 is atomic): entries stamped below the floor
-%%%     are never used, including those stored late by reads in flight.
+%%%     table) to a new stamp F: entries stamped below the floor are never
+%%%     used, including those stored late by reads in flight. Then, to free
+%%%     memory only, it purges the records *all* of whose stamps are below
+%%%     F (a user's record has two: its invalidation and its load). Such a
+%%%     record can answer nothing any more, so deleting it changes no
+%%%     answer. Every other record was written after F was taken (stamps
+%%%     only grow) and is kept: in particular an invalidate(U) made while
+%%%     invalidate_all runs. Emptying the whole table instead would drop
+%%%     that record, and a read of U sent after F but before the
+%%%     invalidation (so possibly before the write it stands for) would then
+%%%     be stored and served for good. ets:select_delete/2 matches and
+%%%     deletes each record under that record's lock, so a record rewritten
+%%%     meanwhile is judged by its new stamps.
 %%%   - Lookups read the entry first and the user's record and the floor
 %%%     after it, so an invalidation that completed before the entry was
 %%%     read is always seen.
@@ -49,10 +59,11 @@
 %%% A contact record from another load (a reload raced with this one, or the
 %%% contact was removed since) is `unknown`: the caller asks the program.
 %%%
-%%% Bound: when storing would take the table over `max` records, the whole
-%%% table is emptied (an invalidation of everything) and the storing read is
-%%% not kept. Crude, and simple to reason about; with max above the number
-%%% of active users' roster items it does not happen.
+%%% Bound: when storing would take the table over `max` records, everything
+%%% is invalidated (which empties the table, but for records written
+%%% meanwhile) and the storing read is not kept. Crude, and simple to reason
+%%% about; with max above the number of active users' roster items it does
+%%% not happen.
 %%%
 %%% Nothing here knows ejabberd. A cache handle `undefined` (cache off) makes
 %%% every lookup a miss and every other call a no-op; so does a table that
@@ -62,7 +73,8 @@
 -export([handle/2, create_table/1, new/2, stamp/0, writes/2,
          lookup_roster/2, store_roster/4, lookup_iq/2, store_iq/5,
          lookup_jid_info/3, store_jid_info/4,
-         invalidate/2, invalidate_all/1, set_live/2, is_live/1, records/1]).
+         invalidate/2, invalidate_all/1, raise_floor/1, purge/1,
+         set_live/2, is_live/1, records/1]).
 
 -export_type([cache/0]).
 
@@ -263,15 +275,39 @@ invalidate(#{table := T}, User) ->
                    ets:delete(T, {iq, User})
            end).
 
-%% @doc Nothing read before now is used any more.
+%% @doc Nothing read before now is used any more: raise_floor/1, then
+%% purge/1.
 -spec invalidate_all(cache()) -> ok.
-invalidate_all(undefined) ->
+invalidate_all(Cache) ->
+    raise_floor(Cache),
+    purge(Cache).
+
+%% @doc The first step of invalidate_all/1, which is all its exactness
+%% needs: from now on nothing stamped before is used.
+-spec raise_floor(cache()) -> ok.
+raise_floor(undefined) ->
     ok;
-invalidate_all(#{table := T, flags := Flags}) ->
-    %% The floor first: records stored while the table is emptied, by reads
-    %% sent before, are under it.
-    atomics:put(Flags, ?FLOOR, stamp()),
-    safely(fun() -> ets:delete_all_objects(T) end).
+raise_floor(#{flags := Flags}) ->
+    atomics:put(Flags, ?FLOOR, stamp()).
+
+%% @doc The second step of invalidate_all/1: frees the records that the
+%% floor has made useless, those all of whose stamps are below it (see the
+%% module doc); any other record stays. Exported for tests, which run other
+%% calls between the two steps.
+-spec purge(cache()) -> ok.
+purge(undefined) ->
+    ok;
+purge(#{table := T, flags := Flags}) ->
+    %% The floor now: another invalidate_all may have raised it since ours,
+    %% and what is below it is as useless.
+    Floor = atomics:get(Flags, ?FLOOR),
+    Below = fun(Stamp) -> {'<', Stamp, Floor} end,
+    Spec = [{{{user, '_'}, '$1', '$2'},
+             [Below('$1'), {'orelse', {'==', '$2', none}, Below('$2')}], [true]},
+            {{{roster, '_'}, '$1', '_'}, [Below('$1')], [true]},
+            {{{iq, '_'}, '$1', '_'}, [Below('$1')], [true]},
+            {{{contact, '_', '_'}, '$1', '_'}, [Below('$1')], [true]}],
+    safely(fun() -> ets:select_delete(T, Spec) end).
 
 %% @doc Turns answering from the cache on or off. Turning it on must follow
 %% an invalidate_all/1 made once changes are reported again.

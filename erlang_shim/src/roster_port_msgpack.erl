@@ -17,12 +17,24 @@
 %%%
 %%% encode/1 raises error({badarg, Term}) on a term it cannot represent;
 %%% decode/1 returns {ok, Term, Rest} or {error, Reason}, never raises.
+%%%
+%%% The decoder's memory is bounded by its input, whatever the input says:
+%%% an announced length (array 32 of 2^32-1 elements) allocates nothing, as
+%%% values are only made of bytes that are there, and a value nested deeper
+%%% than MAX_DEPTH containers is refused ({error, too_deep}), so the stack of
+%%% open containers cannot grow with the frame. NaN and the infinities have
+%%% no Erlang float: {error, non_finite_float}.
 -module(roster_port_msgpack).
 
 -export([encode/1, decode/1, decode_all/1]).
 
 -define(MAX_UINT64, 16#FFFFFFFFFFFFFFFF).
 -define(MIN_INT64, -16#8000000000000000).
+%% The protocol's deepest message is 6 containers deep (a notification's
+%% push effect: message, params, effects, effect, item, groups); 512 leaves
+%% room for any future shape, and bounds the decoder's stack of open
+%% containers (~50 bytes each) to ~25 KB.
+-define(MAX_DEPTH, 512).
 
 %%%===================================================================
 %%% Encoding
@@ -107,7 +119,8 @@ enc_map(M) ->
 %%     result again);
 %%   - the container being filled lives in the loop's arguments (kind,
 %%     values still to read, values read so far, newest first), and is
-%%     pushed on the stack only when a nested container starts;
+%%     pushed on the stack only when a nested container starts, with its
+%%     depth (push/4 refuses to go past MAX_DEPTH);
 %%   - a finished array is reversed once; a finished map is built at once
 %%     with maps:from_list/1 from its key/value pairs (no map updated once
 %%     per key).
@@ -136,11 +149,11 @@ decode_all(Bin) ->
 %% Every clause either matches Bin or passes it on to val/5 itself: that is
 %% what lets the compiler reuse one match context (erlc +bin_opt_info).
 -define(PUT(V), val(R, K, N - 1, [V | A], S)).
--define(NEST(Kind, Len), val(R, Kind, Len, [], [{K, N - 1, A} | S])).
+-define(NEST(Kind, Len), val(R, Kind, Len, [], push(K, N - 1, A, S))).
 
 val(<<R/binary>>, top, 0, [V], []) ->
     {V, R};
-val(<<R/binary>>, K, 0, A, [{K1, N1, A1} | S]) ->
+val(<<R/binary>>, K, 0, A, [{K1, N1, A1, _Depth} | S]) ->
     val(R, K1, N1, [finish(K, A) | A1], S);
 val(<<16#c0, R/binary>>, K, N, A, S) -> ?PUT(nil);
 val(<<16#c2, R/binary>>, K, N, A, S) -> ?PUT(false);
@@ -206,6 +219,8 @@ val(<<16#d2, I:32/signed, R/binary>>, K, N, A, S) -> ?PUT(I);
 val(<<16#d3, I:64/signed, R/binary>>, K, N, A, S) -> ?PUT(I);
 val(<<16#ca, F:32/float, R/binary>>, K, N, A, S) -> ?PUT(F);
 val(<<16#cb, F:64/float, R/binary>>, K, N, A, S) -> ?PUT(F);
+val(<<16#ca, _:32, _/binary>>, _, _, _, _) -> throw({msgpack, non_finite_float});
+val(<<16#cb, _:64, _/binary>>, _, _, _, _) -> throw({msgpack, non_finite_float});
 val(<<16#d9, L:8, B:L/binary, R/binary>>, K, N, A, S) -> ?PUT(B);
 val(<<16#da, L:16, B:L/binary, R/binary>>, K, N, A, S) -> ?PUT(B);
 val(<<16#db, L:32, B:L/binary, R/binary>>, K, N, A, S) -> ?PUT(B);
@@ -220,6 +235,15 @@ val(<<16#c1, _/binary>>, _, _, _, _) -> throw({msgpack, {bad_type, 16#c1}});
 val(<<T, _/binary>>, _, _, _, _) when T >= 16#c7, T =< 16#c9; T >= 16#d4, T =< 16#d8 ->
     throw({msgpack, {unsupported_ext, T}});
 val(_, _, _, _, _) -> throw({msgpack, incomplete}).
+
+%% The stack entry of the container that was being filled when a nested one
+%% started; its depth is that of the nested one.
+push(K, N, A, []) ->
+    [{K, N, A, 1}];
+push(_K, _N, _A, [{_, _, _, ?MAX_DEPTH} | _]) ->
+    throw({msgpack, too_deep});
+push(K, N, A, [{_, _, _, Depth} | _] = S) ->
+    [{K, N, A, Depth + 1} | S].
 
 finish(array, A) -> lists:reverse(A);
 finish(map, A) -> maps:from_list(pairs(A, [])).

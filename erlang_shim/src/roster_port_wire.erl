@@ -121,6 +121,11 @@ wire_to_roster_item(#{<<"jid">> := J} = I) ->
                        end,
                  groups = maps:get(<<"groups">>, I, [])}.
 
+%% A stored record for store_set_item. ejabberd 23.01's #roster{} has no
+%% `approved` field, so the map has no `approved` key: whoever made the
+%% record (mod_roster, an ejabberdctl command, a XEP-0227 import) cannot
+%% have meant to change it, and the program keeps what it has stored.
+%% Never send `false` here: it would clear a pre-approval.
 record_to_map(#roster{jid = LJID, name = Name, subscription = Sub, ask = Ask,
                       groups = Groups, askmessage = AskMessage}) ->
     #{<<"jid">> => bare(LJID),
@@ -131,9 +136,11 @@ record_to_map(#roster{jid = LJID, name = Name, subscription = Sub, ask = Ask,
       <<"askmessage">> => case AskMessage of
                               M when is_binary(M) -> M;
                               _ -> <<>>
-                          end,
-      <<"approved">> => false}.
+                          end}.
 
+%% A stored record from the program. Its `approved` and `in_roster` have no
+%% place in #roster{} and are dropped (record_to_map/1 then leaves them as
+%% stored).
 map_to_record(LUser, LServer, #{<<"jid">> := J} = M) ->
     LJID = jid:tolower(jid:remove_resource(jid:decode(J))),
     #roster{usj = {LUser, LServer, LJID},

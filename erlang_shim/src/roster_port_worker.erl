@@ -1,16 +1,19 @@
 %%% @doc One worker of the pool: owns one running roster-port program.
 %%%
-%%% Theory of operation. The worker opens the program as a port with
-%%% {packet, 4} (the protocol's framing), says hello, and then forwards
-%%% requests as they come: each gets the next id and an entry in `pending`,
-%%% and any number may be in flight. An answer is matched to its caller by
-%%% id. Everything the program does is watched:
+%%% Theory of operation. The worker opens the program as a port in stream
+%%% mode, says hello, and then forwards requests as they come: each gets the
+%%% next id and an entry in `pending`, and any number may be in flight. An
+%%% answer is matched to its caller by id. Everything the program does is
+%%% watched:
 %%%   - it exits: logged with its exit status, every caller in flight gets
 %%%     {error, unavailable}, and it is started again after a backoff that
 %%%     doubles from 100 ms up to max_backoff while it keeps failing;
 %%%   - it hangs: a ping goes out every ping_interval; no answer to a ping
 %%%     (or to hello) within call_timeout, or a run of MAX_TIMEOUTS requests
 %%%     without answer, and the program is killed and restarted the same way;
+%%%   - it writes something that is not a frame (roster_port_frames reads
+%%%     a length over max_frame_bytes): killed at once and restarted the same
+%%%     way, as its stream cannot be read any further;
 %%%   - while it is down, requests are answered {error, unavailable} at once.
 %%%     A request sent with keep = true (subscription presences) is then kept
 %%%     in a bounded queue, logged with its content, and replayed in order
@@ -38,6 +41,15 @@
 %%% down, and on once the new program's feed is known to be open: after the
 %%% answer to a ping sent once hello was answered (the program opens its
 %%% feed after answering hello, before it reads the next request).
+%%%
+%%% Framing. The protocol's 4-byte length prefix is read and written here
+%%% (roster_port_frames), not by the VM: a port with {packet, 4} allocates
+%%% whatever length its first 4 bytes announce before max_frame_bytes can be
+%%% checked (gigabytes for a stray line on stdout). So the worker never
+%%% holds more than max_frame_bytes of one frame, and a program it has
+%%% opened is always either in the state or closed and killed: a start that
+%%% fails after open_port (a hello over max_frame_bytes) stops the program
+%%% it opened.
 %%%
 %%% The program's stdout carries frames only. Its stderr is not captured: it
 %%% is inherited from ejabberd's VM (see README), so the program should log
@@ -80,7 +92,11 @@
          status = down :: down | starting | up,
          port :: undefined | port(),
          os_pid :: undefined | non_neg_integer(),
+         %% The frame decoder of the program's stdout (undefined: no port).
+         frames :: undefined | roster_port_frames:state(),
          started_at = 0 :: integer(),
+         %% Programs started by this worker (status/0: tests, diagnosis).
+         starts = 0 :: non_neg_integer(),
          backoff = ?MIN_BACKOFF :: pos_integer(),
          next_id = 1 :: pos_integer(),
          %% Id => {Kind, Op, Args, Deadline}; Kind is {caller, From} | hello
@@ -154,6 +170,7 @@ handle_call({request, Op, Args, _Deadline, Keep}, _From, State) ->
     {reply, {error, unavailable}, State1};
 handle_call(status, _From, State) ->
     {reply, #{status => State#state.status, os_pid => State#state.os_pid,
+              starts => State#state.starts,
               kept => State#state.kept_len,
               pending => maps:size(State#state.pending)}, State};
 handle_call(_Request, _From, State) ->
@@ -162,8 +179,19 @@ handle_call(_Request, _From, State) ->
 handle_cast(_Msg, State) ->
     {noreply, State}.
 
-handle_info({Port, {data, Frame}}, #state{port = Port} = State) ->
-    {noreply, handle_frame(Frame, State)};
+handle_info({Port, {data, Bytes}}, #state{port = Port, frames = Frames} = State) ->
+    case roster_port_frames:feed(Bytes, Frames) of
+        {ok, Complete, Frames1} ->
+            {noreply, handle_frames(Complete, Port, State#state{frames = Frames1})};
+        {error, {frame_too_large, Length, Head}, Complete} ->
+            %% What came before the bad prefix was read as frames: answer it.
+            case handle_frames(Complete, Port, State) of
+                #state{port = Port} = State1 ->
+                    {noreply, program_down({not_frames, Length, Head}, State1)};
+                State1 ->
+                    {noreply, State1}
+            end
+    end;
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     {noreply, program_down({exit_status, Status}, State#state{port = undefined})};
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
@@ -200,26 +228,49 @@ terminate(_Reason, #state{port = Port} = State) ->
 %%% Starting and stopping the program
 %%%===================================================================
 
-start_program(#state{command = [Exe | Args]} = State) ->
+start_program(#state{command = [Exe | Args]} = State0) ->
+    State = State0#state{starts = State0#state.starts + 1},
+    case open_program(Exe, Args) of
+        {ok, Path, Port, OsPid} ->
+            ?LOG_INFO("roster-port ~ts/~B: started ~ts (os pid ~B)",
+                      [State#state.host, State#state.index, Path, OsPid]),
+            say_hello(State#state{port = Port, os_pid = OsPid, status = starting,
+                                  started_at = now_ms(), next_id = 1,
+                                  frames = roster_port_frames:new(State#state.max_frame_bytes)});
+        {error, Reason} ->
+            program_down({cannot_start, Exe, Reason}, State)
+    end.
+
+%% stream: the framing is roster_port_frames' (see the module doc).
+open_program(Exe, Args) ->
     try
         Path = executable(Exe),
         Port = open_port({spawn_executable, Path},
-                         [{packet, 4}, binary, exit_status, use_stdio, hide,
-                          {args, Args}]),
-        {os_pid, OsPid} = erlang:port_info(Port, os_pid),
-        ?LOG_INFO("roster-port ~ts/~B: started ~ts (os pid ~B)",
-                  [State#state.host, State#state.index, Path, OsPid]),
-        State1 = State#state{port = Port, os_pid = OsPid, status = starting,
-                             started_at = now_ms(), next_id = 1},
-        Hello = #{<<"protocols">> => ?PROTOCOLS, <<"shim">> => ?SHIM_VERSION,
-                  <<"host">> => State#state.host, <<"node">> => State#state.node,
-                  <<"change_feed">> => State#state.feed},
-        {ok, State2} = send_request(hello, <<"hello">>, Hello,
-                                    now_ms() + State#state.call_timeout, State1),
-        State2
-    catch
-        _:Reason ->
-            program_down({cannot_start, Exe, Reason}, State)
+                         [stream, binary, exit_status, use_stdio, hide, {args, Args}]),
+        case erlang:port_info(Port, os_pid) of
+            {os_pid, OsPid} -> {ok, Path, Port, OsPid};
+            %% Closed already: nothing left to stop.
+            undefined -> {error, exited_at_once}
+        end
+    catch error:Reason ->
+            {error, Reason}
+    end.
+
+%% From here on the program is in the state: any failure goes through
+%% program_down/2, which closes its port and kills it.
+say_hello(State) ->
+    Hello = #{<<"protocols">> => ?PROTOCOLS, <<"shim">> => ?SHIM_VERSION,
+              <<"host">> => State#state.host, <<"node">> => State#state.node,
+              <<"change_feed">> => State#state.feed},
+    case send_request(hello, <<"hello">>, Hello, now_ms() + State#state.call_timeout,
+                      State) of
+        {ok, State1} ->
+            State1;
+        {error, frame_too_large} ->
+            Size = byte_size(roster_port_msgpack:encode([0, 1, <<"hello">>, Hello])),
+            program_down({hello_too_large, Size}, State);
+        {error, Reason} ->
+            program_down({hello_not_sent, Reason}, State)
     end.
 
 executable(Exe) ->
@@ -252,19 +303,22 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
     RanForAWhile = OsPid /= undefined andalso
         now_ms() - State#state.started_at > State#state.max_backoff,
     Backoff = case Why of
+                  %% Neither heals by itself: no point in trying soon.
                   {unsupported_protocol, _} -> State#state.max_backoff;
+                  {hello_too_large, _} -> State#state.max_backoff;
                   _ when RanForAWhile -> ?MIN_BACKOFF;
                   _ -> State#state.backoff
               end,
     log_down(Why, Backoff, State),
     erlang:send_after(Backoff, self(), start_program),
-    State#state{status = down, port = undefined, os_pid = undefined,
+    State#state{status = down, port = undefined, os_pid = undefined, frames = undefined,
                 pending = #{}, timeouts = 0, ping_timer = undefined,
                 feed_check = false,
                 kept = Kept, kept_len = KeptLen,
                 backoff = min(Backoff * 2, State#state.max_backoff)}.
 
-log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid}) ->
+log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid,
+                              max_frame_bytes = MaxFrame}) ->
     case Why of
         {exit_status, Status} ->
             ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) exited with "
@@ -279,6 +333,17 @@ log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid}) ->
                        "protocol ~w (it says: ~ts); not using it, trying again "
                        "in ~B ms",
                        [Host, I, ?PROTOCOLS, Message, Backoff]);
+        {hello_too_large, Size} ->
+            ?LOG_ERROR("roster-port ~ts/~B: max_frame_bytes (~B) is smaller than the "
+                       "hello (~B bytes): no program can be used; stopped the one "
+                       "started (os pid ~p), trying again in ~B ms",
+                       [Host, I, MaxFrame, Size, OsPid, Backoff]);
+        {not_frames, Length, Head} ->
+            ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) wrote something that is "
+                       "not a frame on its stdout (a print, a traceback?): a length of "
+                       "~B bytes, over max_frame_bytes (~B); first bytes: ~ts; killed it, "
+                       "restarting it in ~B ms",
+                       [Host, I, OsPid, Length, MaxFrame, hex_head(Head), Backoff]);
         {cannot_start, Exe, Reason} ->
             ?LOG_ERROR("roster-port ~ts/~B: cannot start ~ts: ~p; trying again "
                        "in ~B ms", [Host, I, Exe, Reason, Backoff]);
@@ -320,13 +385,18 @@ send_request(Kind, Op, Args, Deadline, #state{port = Port, next_id = Id} = State
     Message = [0, Id, Op, Args],
     Frame = roster_port_msgpack:encode(Message),
     if byte_size(Frame) > State#state.max_frame_bytes ->
-            ?LOG_ERROR("roster-port ~ts/~B: request ~ts of ~B bytes is over "
-                       "max_frame_bytes; not sent",
-                       [State#state.host, State#state.index, Op, byte_size(Frame)]),
+            case Kind of
+                hello ->
+                    ok;  % say_hello/1 logs it, with what it means
+                _ ->
+                    ?LOG_ERROR("roster-port ~ts/~B: request ~ts of ~B bytes is over "
+                               "max_frame_bytes; not sent",
+                               [State#state.host, State#state.index, Op, byte_size(Frame)])
+            end,
             {error, frame_too_large};
        true ->
             invalidate_if_writes(Op, Args, State),
-            try port_command(Port, Frame) of
+            try port_command(Port, roster_port_frames:encode(Frame)) of
                 true ->
                     roster_port_transcript:record(State#state.transcript, in,
                                                   State#state.index, Message),
@@ -340,11 +410,14 @@ send_request(Kind, Op, Args, Deadline, #state{port = Port, next_id = Id} = State
             end
     end.
 
-handle_frame(Frame, State) when byte_size(Frame) > State#state.max_frame_bytes ->
-    ?LOG_ERROR("roster-port ~ts/~B: dropped a frame of ~B bytes from the program "
-               "(over max_frame_bytes)",
-               [State#state.host, State#state.index, byte_size(Frame)]),
-    State;
+%% The frames of one read, in order, while they come from the program that
+%% is running: once it is down (a refused hello), the rest mean nothing.
+handle_frames([Frame | Rest], Port, #state{port = Port} = State) ->
+    handle_frames(Rest, Port, handle_frame(Frame, State));
+handle_frames(_Frames, _Port, State) ->
+    State.
+
+%% Never over max_frame_bytes: roster_port_frames refuses those.
 handle_frame(Frame, State) ->
     case roster_port_msgpack:decode_all(Frame) of
         {ok, Message} ->
@@ -395,8 +468,9 @@ handle_message([2, Name, Params], State) when is_binary(Name), is_map(Params) ->
     to_runner({notification, Name, Params}, State),
     State;
 handle_message(Other, State) ->
-    ?LOG_ERROR("roster-port ~ts/~B: unexpected message from the program: ~p",
-               [State#state.host, State#state.index, Other]),
+    %% Depth-limited: the message may be megabytes of anything.
+    ?LOG_ERROR("roster-port ~ts/~B: unexpected message from the program: ~P",
+               [State#state.host, State#state.index, Other, 12]),
     State.
 
 answered({{caller, From}, _Op, _Args, _Deadline}, Reply, State) ->

@@ -16,6 +16,13 @@ msgpack value; [0, id, op, args] in, [1, id, error, result] and
   die {"status"}       exits at once with that status
   hang                 stops answering anything (pings included)
   notify {"user"}      sends a roster_changed notification, then answers
+  garbage {"bytes"}    writes these bytes (a msgpack bin) to stdout as they
+                       are, as a stray print or a corrupt writer would, and
+                       answers nothing
+  dribble              answers like echo, one byte per write, so the answer
+                       reaches the shim split across many reads
+argv "--tag WORD" is ignored: a test finds its own programs by it in
+/proc/*/cmdline.
 """
 import os
 import struct
@@ -36,8 +43,13 @@ hello_args = {}
 def write(message):
     body = msgpack.packb(message, use_bin_type=True)
     with out_lock:
-        sys.stdout.buffer.write(struct.pack(">I", len(body)) + body)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.write(struct.pack(">I", len(body)) + body)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # The shim closed the port (it is stopping this program): no
+            # traceback in the test output.
+            os._exit(0)
 
 
 def answer(msgid, result=None, error=None):
@@ -78,6 +90,16 @@ def serve(msgid, op, a):
         os._exit(a.get("status", 3))
     elif op == "hang":
         hanging.set()
+    elif op == "garbage":
+        with out_lock:
+            sys.stdout.buffer.write(a["bytes"])
+            sys.stdout.buffer.flush()
+    elif op == "dribble":
+        body = msgpack.packb([1, msgid, None, {"effects": [], "args": a}], use_bin_type=True)
+        with out_lock:
+            for byte in struct.pack(">I", len(body)) + body:
+                sys.stdout.buffer.write(bytes([byte]))
+                sys.stdout.buffer.flush()
     elif op == "notify":
         write([2, "roster_changed", {"user": a["user"], "effects": [{"type": "test"}]}])
         answer(msgid, {"effects": []})

@@ -35,7 +35,11 @@ cache_test_() ->
              {"roster IQ: a get sent before an invalidation is never used (d)",
               fun iq_read_sent_before_invalidation/1},
              {"roster IQ: nothing answered while not live, or after invalidate_all",
-              fun iq_not_live/1}]] ++
+              fun iq_not_live/1},
+             {"an invalidation made while invalidate_all runs survives its purge",
+              fun invalidation_during_invalidate_all/1},
+             {"invalidate_all's purge keeps what was stored after the floor moved",
+              fun purge_keeps_newer_records/1}]] ++
         [{"a full cache is emptied; too big a load is not kept",
           fun() -> with_cache(5, fun bound/1) end}].
 
@@ -234,6 +238,59 @@ iq_not_live(C) ->
     ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
     ?assertEqual(miss, roster_port_cache:lookup_iq(undefined, ?U)),
     ok = roster_port_cache:store_iq(undefined, ?U, 1, {<<"v">>, q}, [i]).
+
+%% invalidate_all/1 is raise_floor/1 then purge/1; other processes run in
+%% between. Here: the floor moves, a read of U is sent (stamped above the
+%% floor), a write of U is sent (invalidate), the purge runs, then the
+%% read's answer (which may predate the write) comes back.
+invalidation_during_invalidate_all(C) ->
+    roster_port_cache:raise_floor(C),
+    ReadAt = roster_port_cache:stamp(),
+    roster_port_cache:invalidate(C, ?U),
+    roster_port_cache:purge(C),
+    roster_port_cache:store_roster(C, ?U, ReadAt, [stale]),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?U)),
+    roster_port_cache:store_iq(C, ?U, ReadAt, {<<"v0">>, stale}, [stale]),
+    ?assertEqual(miss, roster_port_cache:lookup_iq(C, ?U)),
+    roster_port_cache:store_jid_info(C, ?U, ReadAt, [{a, stale}]),
+    ?assertEqual(not_loaded, roster_port_cache:lookup_jid_info(C, ?U, a)),
+    %% The same with the invalidation made after the purge started, then
+    %% the purge of a later invalidate_all.
+    roster_port_cache:raise_floor(C),
+    ReadAt2 = roster_port_cache:stamp(),
+    roster_port_cache:purge(C),
+    roster_port_cache:invalidate(C, ?V),
+    roster_port_cache:purge(C),
+    roster_port_cache:store_roster(C, ?V, ReadAt2, [stale]),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?V)),
+    %% A read sent after the invalidation is used.
+    ReadAt3 = roster_port_cache:stamp(),
+    roster_port_cache:store_roster(C, ?U, ReadAt3, [new]),
+    ?assertEqual({ok, [new]}, roster_port_cache:lookup_roster(C, ?U)).
+
+purge_keeps_newer_records(C) ->
+    Old = roster_port_cache:stamp(),
+    roster_port_cache:store_roster(C, ?V, Old, [old]),
+    roster_port_cache:store_jid_info(C, ?V, Old, [{a, old}]),
+    roster_port_cache:invalidate(C, ?V),
+    roster_port_cache:raise_floor(C),
+    %% Read (and stored) after the floor moved: still good after the purge.
+    New = roster_port_cache:stamp(),
+    roster_port_cache:store_roster(C, ?U, New, [new]),
+    roster_port_cache:store_iq(C, ?U, New, {<<"v1">>, q}, [new]),
+    roster_port_cache:store_jid_info(C, ?U, New, [{a, {both, none, []}}]),
+    Before = roster_port_cache:records(C),
+    roster_port_cache:purge(C),
+    %% U's record has its invalidation stamp (0) below the floor and its
+    %% load above it: kept, and the load answers.
+    ?assertEqual({ok, [new]}, roster_port_cache:lookup_roster(C, ?U)),
+    ?assertEqual({ok, {<<"v1">>, q}}, roster_port_cache:lookup_iq(C, ?U)),
+    ?assertEqual({ok, {both, none, []}}, roster_port_cache:lookup_jid_info(C, ?U, a)),
+    ?assertEqual({ok, absent}, roster_port_cache:lookup_jid_info(C, ?U, b)),
+    %% What is all below the floor is gone: V's record and V's contact.
+    ?assertEqual(Before - 2, roster_port_cache:records(C)),
+    ?assertEqual(miss, roster_port_cache:lookup_roster(C, ?V)),
+    ?assertEqual(not_loaded, roster_port_cache:lookup_jid_info(C, ?V, a)).
 
 writes_test() ->
     ?assert(roster_port_cache:writes(<<"roster_iq">>, #{<<"type">> => <<"set">>})),

@@ -21,8 +21,11 @@ python() ->
         Python -> Python
     end.
 
+fake_program() ->
+    filename:absname("test/fake_program.py").
+
 start_pool(Extra) ->
-    Opts = maps:merge(#{command => [python(), filename:absname("test/fake_program.py")],
+    Opts = maps:merge(#{command => [python(), fake_program()],
                         pool_size => 2,
                         call_timeout => ?TIMEOUT,
                         ping_interval => 200,
@@ -70,8 +73,24 @@ wait_until(Fun, Ms) ->
         _ -> timer:sleep(20), wait_until(Fun, Ms - 20)
     end.
 
+%% Fun() until it gives Want, for at most Ms; what it gave last.
+wait_for(Fun, Want, Ms) ->
+    case Fun() of
+        Want -> Want;
+        _ when Ms =< 0 -> Fun();
+        _ -> timer:sleep(20), wait_for(Fun, Want, Ms - 20)
+    end.
+
 call(User, Op, Args) ->
     roster_port_pool:call(?HOST, User, Op, Args).
+
+%% The os pids of the running processes whose command line holds Tag. A
+%% process that is gone, or a zombie (its command line is empty), is not.
+programs_running(Tag) ->
+    lists:sort([list_to_integer(filename:basename(filename:dirname(Path)))
+                || Path <- filelib:wildcard("/proc/[0-9]*/cmdline"),
+                   {ok, Cmd} <- [file:read_file(Path)],
+                   binary:match(Cmd, list_to_binary(Tag)) /= nomatch]).
 
 pool_test_() ->
     {foreach, fun() -> start_pool(#{}) end, fun stop_pool/1,
@@ -85,7 +104,13 @@ pool_test_() ->
       {"kept requests are replayed when the program is back", fun replay/0},
       {"notifications reach the handler", fun notification/0},
       {"program errors come back as errors", fun program_error/0},
-      {"one user always goes to the same worker", fun same_worker/0}]}.
+      {"one user always goes to the same worker", fun same_worker/0},
+      {"an answer split across many reads is put back together", fun dribble/0},
+      {"a frame of 1 MB, over many reads, comes back whole", fun large_frame/0},
+      {"a length prefix of ffffffff on stdout: restarted at once, no memory reserved",
+       fun() -> garbage(<<16#ff, 16#ff, 16#ff, 16#ff>>) end},
+      {"a traceback line on stdout: restarted at once, no memory reserved",
+       fun() -> garbage(<<"Traceback (most recent call last):\n">>) end}]}.
 
 echo() ->
     ?assertMatch(#{<<"versioning">> := true}, roster_port_pool:capabilities(?HOST)),
@@ -181,6 +206,64 @@ same_worker() ->
     Pids = [maps:get(<<"pid">>, element(2, call(<<"u@x">>, <<"echo">>, #{})))
             || _ <- lists:seq(1, 10)],
     ?assertEqual(1, length(lists:usort(Pids))).
+
+dribble() ->
+    ?assertMatch({ok, #{<<"args">> := #{<<"k">> := <<"v">>}}},
+                 call(<<"a@x">>, <<"dribble">>, #{<<"k">> => <<"v">>})),
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+large_frame() ->
+    Blob = binary:copy(<<"0123456789">>, 100000),
+    ?assertMatch({ok, #{<<"args">> := #{<<"blob">> := Blob}}},
+                 call(<<"a@x">>, <<"echo">>, #{<<"blob">> => Blob})).
+
+%% Bytes that are not a frame on the program's stdout are read as a length
+%% prefix: over max_frame_bytes, the program is killed at once (its stream
+%% cannot be read any further), the caller hears so at once, and nothing of
+%% the announced length (4 GB, 1.4 GB) is ever reserved.
+garbage(Bytes) ->
+    #{os_pid := Pid1} = worker_status(<<"a@x">>),
+    Before = erlang:memory(total),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({error, unavailable},
+                 call(<<"a@x">>, <<"garbage">>, #{<<"bytes">> => {bin, Bytes}})),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < ?TIMEOUT),
+    ?assert(erlang:memory(total) - Before < 100 * 1024 * 1024),
+    ?assertEqual(ok, wait_until(fun() ->
+                                        #{status := S, os_pid := P} = worker_status(<<"a@x">>),
+                                        S == up andalso P /= Pid1
+                                end, 2000)),
+    ?assertNot(filelib:is_dir("/proc/" ++ integer_to_list(Pid1) ++ "/fd")),
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})),
+    ?assert(erlang:memory(total) - Before < 100 * 1024 * 1024).
+
+%% A max_frame_bytes too small for the hello: no program can be used, and
+%% none of those started is left running.
+small_frame_limit_test_() ->
+    Tag = "small-frame-limit-" ++ integer_to_list(erlang:unique_integer([positive])),
+    {setup,
+     fun() ->
+             process_flag(trap_exit, true),
+             {ok, Sup} = roster_port_pool:start(
+                           ?HOST, #{command => [python(), fake_program(), "--tag", Tag],
+                                    pool_size => 1, call_timeout => ?TIMEOUT,
+                                    max_backoff => 200, max_frame_bytes => 16}),
+             Sup
+     end,
+     fun stop_pool/1,
+     fun(_) ->
+             {timeout, 30,
+              ?_test(begin
+                         ?assertEqual(ok, wait_until(fun() -> starts(<<"a@x">>) >= 4 end,
+                                                     10000)),
+                         ?assertNotEqual(up, maps:get(status, worker_status(<<"a@x">>))),
+                         ?assertEqual({error, unavailable}, call(<<"a@x">>, <<"echo">>, #{})),
+                         ?assertEqual([], wait_for(fun() -> programs_running(Tag) end, [], 2000))
+                     end)}
+     end}.
+
+starts(User) ->
+    maps:get(starts, worker_status(User)).
 
 refusal_test_() ->
     {setup,
