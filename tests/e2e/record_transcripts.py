@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ejabberd_harness import REPO, EjabberdServer, roster_port_command  # noqa: E402
 from scenarios import SCENARIOS, World  # noqa: E402
 
-sys.path.insert(0, str(REPO / "tests"))
-# The same comparison as the test that checks the committed files (one normalisation, said there).
-from test_transcripts import differences as replay  # noqa: E402
+# The same comparison as tests/test_transcripts.py makes of the committed files.
+from roster_port.replay import replay  # noqa: E402
 
 TRANSCRIPTS = REPO / "tests" / "transcripts"
 
