@@ -7,6 +7,7 @@ Only `serve` speaks the protocol; it never writes anything but frames to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -58,11 +59,8 @@ def _check(args: argparse.Namespace) -> int:
             f"roster: versioning={policy.versioning} pre_approval={policy.pre_approval} "
             f"auto_unsubscribed={policy.auto_unsubscribed} read_only={policy.read_only}"
         )
-        _say(
-            f"limits: max_items={limits.max_items} max_name_length={limits.max_name_length} "
-            f"max_groups={limits.max_groups} max_group_length={limits.max_group_length} "
-            f"max_frame_bytes={limits.max_frame_bytes}"
-        )
+        _say("limits: " + " ".join(f"{field.name}={getattr(limits, field.name)}"
+                                   for field in dataclasses.fields(limits)))
         _say(f"log: {config.log.level} to {config.log.file or 'stderr'}")
         _say("ok")
     finally:

@@ -22,9 +22,13 @@
 
     [limits]
     max_items = 10000            # items in one roster
+    max_pending_requests = 1000  # strangers' subscription requests kept for one user (they are
+                                 # not roster items; further ones are dropped, logged)
     max_name_length = 1024       # characters in an item's name
     max_groups = 64              # groups of one item
     max_group_length = 1024      # characters in a group name
+    max_status_length = 1024     # characters of a subscription request's text kept (longer
+                                 # texts are cut)
     max_frame_bytes = 8388608    # largest request frame accepted
 
     [log]
@@ -56,9 +60,11 @@ class RosterPolicy:
 @dataclass(frozen=True)
 class Limits:
     max_items: int = 10_000
+    max_pending_requests: int = 1000
     max_name_length: int = 1024
     max_groups: int = 64
     max_group_length: int = 1024
+    max_status_length: int = 1024
     max_frame_bytes: int = 8 * 1024 * 1024
 
 

@@ -145,6 +145,11 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
+def _head_of(event: FrameEvent) -> str:
+    raw = event.head if isinstance(event, OversizedFrame) else event.payload
+    return raw[:32].hex()
+
+
 class Dispatcher:
     def __init__(self, store: RosterStore, rules: Rules) -> None:
         self.store = store
@@ -155,6 +160,13 @@ class Dispatcher:
 
     def handle(self, event: FrameEvent) -> bytes | None:
         """The response payload for one framing event, or None when there is none to send."""
+        try:
+            return self._handle(event)
+        except Exception:  # noqa: BLE001 - nothing a frame holds may end the process
+            log.exception("a frame could not be answered (first bytes %s)", _head_of(event))
+            return None
+
+    def _handle(self, event: FrameEvent) -> bytes | None:
         if isinstance(event, OversizedFrame):
             request_id = recover_id(event.head)
             message = f"frame of {event.length} bytes is over the limit"
@@ -177,7 +189,7 @@ class Dispatcher:
             return encode_error(request.id, ProtocolError("internal", str(exc)).to_wire())
         except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the process
             log.exception("request %d (%s) failed", request.id, request.op)
-            error = ProtocolError("internal", f"{type(exc).__name__}: {exc}")
+            error = ProtocolError("internal", f"{type(exc).__name__}: {exc}"[:300])
             return encode_error(request.id, error.to_wire())
 
     def _refuse(self, request_id: int | None, error: ProtocolError, raw: bytes) -> bytes | None:
@@ -217,6 +229,9 @@ class Dispatcher:
                     effects = roster.outside_changes(txn, self.rules, user_changes)
             except StoreError as exc:
                 log.error("changes to %s made outside XMPP not pushed: %s", user, exc)
+                continue
+            except Exception:  # noqa: BLE001 - one user's rows must not stop the feed
+                log.exception("changes to %r made outside XMPP not pushed", user)
                 continue
             log.info("%s: %d rows changed outside XMPP", user, len(user_changes))
             params = {"user": user, "effects": [effect.to_wire() for effect in effects]}

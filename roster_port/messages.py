@@ -45,12 +45,54 @@ def _text_of_bins(value: Any) -> Any:
     return value
 
 
+# What decoding one request may build, whatever its bytes say. A text or a bin costs about its
+# own size, so the frame's size limit bounds those; what costs more than its bytes is a
+# container (an empty array is one byte on the wire and about 60 in memory) and the scalars held
+# in one. No request needs more than a handful of containers (the request, args, items, an item,
+# its groups) or arrays longer than an item's groups: so a request may build at most
+# MAX_CONTAINERS containers of at most MAX_CONTAINER_LEN entries each, refused as soon as
+# decoding passes either bound. Deep nesting is bounded with them (it takes a container a level).
+MAX_CONTAINERS = 64
+MAX_CONTAINER_LEN = 1024
+
+
+class _Budget:
+    """Counts the containers one decoding builds (msgpack calls it as each one is complete)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def __call__(self, container: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_CONTAINERS} arrays and maps in one request")
+        return container
+
+
+def _unpack(payload: bytes) -> Any:
+    budget = _Budget()
+    return msgpack.unpackb(
+        payload,
+        raw=False,
+        strict_map_key=True,  # keys are text (or bin): never an unhashable array or map
+        max_array_len=MAX_CONTAINER_LEN,
+        max_map_len=MAX_CONTAINER_LEN,
+        list_hook=budget,
+        object_hook=budget,
+    )
+
+
 def decode_request(payload: bytes) -> Request:
-    """The request in `payload`, or ProtocolError (with the id when it can be read)."""
+    """The request in `payload`, or ProtocolError (with the id when it can be read).
+
+    Never raises anything else, and never builds more than the bounds above allow.
+    """
     try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (msgpack.UnpackException, ValueError) as exc:
-        error = ProtocolError("bad_frame", f"not one msgpack value: {exc}")
+        message = _unpack(payload)
+    except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
+        error = ProtocolError("bad_frame", f"not one msgpack value within bounds: {exc}"[:300])
         raise RequestError(recover_id(payload[:64]), error) from None
     if not isinstance(message, list) or not message or message[0] != REQUEST:
         raise RequestError(None, ProtocolError("bad_request", "not a request [0, id, op, args]"))

@@ -16,6 +16,7 @@ side of a subscription is changed when the routed presence reaches the contact's
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,8 @@ def ask_of(row: RosterRow) -> str:
 
 
 def stored_record(row: RosterRow) -> dict[str, Any]:
-    """The row as mod_roster's storage API sees it (`#roster{}`)."""
+    """The row as mod_roster's storage API sees it (`#roster{}`), plus what `#roster{}` cannot
+    hold (`approved`, `in_roster`), so that writing a record back unchanged changes nothing."""
     return {
         "jid": row.contact,
         "name": row.name,
@@ -81,6 +83,7 @@ def stored_record(row: RosterRow) -> dict[str, Any]:
         "groups": list(row.groups),
         "askmessage": row.request_text,
         "approved": row.approved,
+        "in_roster": row.in_roster,
     }
 
 
@@ -95,29 +98,50 @@ _PENDING_OF_ASK = {
 }
 
 
-def row_from_record(record: dict[str, Any]) -> RosterRow:
-    """A stored record from mod_roster's API, validated, as a row. Raises bad-request."""
+def row_from_record(record: dict[str, Any], old: RosterRow | None) -> RosterRow:
+    """A stored record from mod_roster's API, validated, as a row. Raises bad-request.
+
+    `old` is the row stored for the contact, if any. What a record leaves out keeps its stored
+    value: `approved` (ejabberd's `#roster{}` has no field for it), and `in_roster`, which for
+    a record that is only an inbound request (none, ask in, no name, no group: what a
+    stranger's request reads as) stays as stored, so a read written back is no new item.
+    """
     if not isinstance(record, dict):
         raise errors.bad_request("item must be a map")
     contact = contact_jid(record.get("jid"))
     ask = record.get("ask") or "none"
-    if ask not in _PENDING_OF_ASK:
-        raise errors.bad_request(f"unknown ask value {ask!r}")
+    if type(ask) is not str or ask not in _PENDING_OF_ASK:
+        raise errors.bad_request(f"unknown ask value {ask!r}"[:200])
     subscription = record.get("subscription") or "none"
-    if subscription not in ("none", "to", "from", "both"):
-        raise errors.bad_request(f"unknown subscription {subscription!r}")
+    if type(subscription) is not str or subscription not in ("none", "to", "from", "both"):
+        raise errors.bad_request(f"unknown subscription {subscription!r}"[:200])
     pending_out, pending_in = _PENDING_OF_ASK[ask]
+    name = _text(record.get("name"), "name")
+    groups = tuple(_groups(record.get("groups")))
+    approved = _flag(record, "approved", old.approved if old else False)
+    only_a_request = (subscription, pending_out, pending_in, name, groups) == (
+        "none", False, True, "", ())
+    kept_in_roster = (old.in_roster if old else False) if only_a_request else True
     return RosterRow(
         contact=contact,
-        name=_text(record.get("name"), "name"),
+        name=name,
         subscription=subscription,
         pending_out=pending_out,
         pending_in=pending_in,
-        approved=bool(record.get("approved")),
-        in_roster=True,
-        groups=tuple(_groups(record.get("groups"))),
+        approved=approved,
+        in_roster=_flag(record, "in_roster", kept_in_roster),
+        groups=groups,
         request_text=_text(record.get("askmessage"), "askmessage"),
     )
+
+
+def _flag(record: dict[str, Any], key: str, default: bool) -> bool:
+    value = record.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise errors.bad_request(f"{key} must be true or false")
+    return value
 
 
 def _text(value: Any, what: str) -> str:
@@ -189,10 +213,9 @@ def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
     _check_limits(rules.limits, name, groups)
 
     row = txn.get(contact)
-    if row is None:
-        if txn.count() >= rules.limits.max_items:
-            raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
-        row = RosterRow(contact, in_roster=False)
+    if row is None or not row.in_roster:
+        _check_room_for_an_item(txn, rules)
+        row = row or RosterRow(contact, in_roster=False)
     updated = row.evolve(name=name, groups=tuple(groups), in_roster=True)
     if updated == row:
         return Outcome()
@@ -200,9 +223,27 @@ def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
     return Outcome(effects=[Push(txn.user, wire_item(stored), _version(txn, rules))])
 
 
-def _check_limits(limits: Limits, name: str, groups: list[str]) -> None:
+# Characters no name, group or request text may hold: C0 and C1 controls and DEL (NUL among
+# them), and the two noncharacters XML 1.0 forbids. A client could not show them, and
+# ejabberd's XML encoder would refuse most of them in a roster result.
+_FORBIDDEN_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ufffe\uffff]")
+
+
+def _check_text(text: str, what: str) -> None:
+    if (found := _FORBIDDEN_CHARACTERS.search(text)) is not None:
+        raise errors.bad_request(f"{what} contains the control character U+{ord(found[0]):04X}")
+
+
+def _check_room_for_an_item(txn: RosterTxn, rules: Rules) -> None:
+    """Strangers' requests are not items: they never take room from the user's own roster."""
+    if txn.count() >= rules.limits.max_items:
+        raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
+
+
+def _check_limits(limits: Limits, name: str, groups: list[str] | tuple[str, ...]) -> None:
     if len(name) > limits.max_name_length:
         raise errors.not_acceptable(f"name is longer than {limits.max_name_length} characters")
+    _check_text(name, "name")
     if len(set(groups)) != len(groups):
         raise errors.bad_request("an item may not list the same group twice")
     if len(groups) > limits.max_groups:
@@ -214,6 +255,16 @@ def _check_limits(limits: Limits, name: str, groups: list[str]) -> None:
             raise errors.not_acceptable(
                 f"group name is longer than {limits.max_group_length} characters"
             )
+        _check_text(group, "group name")
+
+
+def _request_text(status: str | None, limits: Limits) -> str:
+    """A subscription request's text as kept: a remote server may send any size, and refusing
+    it would lose the request, so it is cut to the limit, and control characters go."""
+    if not status:
+        return ""
+    text = status[: limits.max_status_length]
+    return _FORBIDDEN_CHARACTERS.sub("", text) if _FORBIDDEN_CHARACTERS.search(text) else text
 
 
 def _cancel_both_directions(user: str, row: RosterRow) -> list[Effect]:
@@ -260,13 +311,8 @@ def subscription(
     if rules.policy.read_only:
         # The application owns relationships: nothing changes, nothing is delivered.
         return Outcome({answer_key: False})
-    row = txn.get(contact)
-    if row is None:
-        if txn.count() >= rules.limits.max_items:
-            log.warning("%s: roster full, ignoring %s from/to %s", txn.user, event, contact)
-            return Outcome({answer_key: False})
-        row = RosterRow(contact, in_roster=False)
-
+    stored = txn.get(contact)
+    row = stored if stored is not None else RosterRow(contact, in_roster=False)
     moved = step(
         state_of(row),
         event,
@@ -280,6 +326,17 @@ def subscription(
         event.direction is Direction.OUT
         and (new.subscription != "none" or new.pending_out or new.approved)
     )
+    if in_roster and not row.in_roster:
+        if txn.count() >= rules.limits.max_items:
+            log.warning("%s: roster full (%d items); %s with %s not applied",
+                        txn.user, rules.limits.max_items, event, contact)
+            return Outcome({answer_key: False})
+    elif stored is None and new != SubState():
+        # A stranger's new request. Anyone can mint JIDs to send them from: bounded apart.
+        if txn.count_requests() >= rules.limits.max_pending_requests:
+            log.warning("%s: %d strangers' requests pending already; %s from %s dropped",
+                        txn.user, rules.limits.max_pending_requests, event, contact)
+            return Outcome({answer_key: False})
     if not new.pending_in:
         request_text = ""
     elif not moved.old.pending_in or (
@@ -288,7 +345,7 @@ def subscription(
         # A new request; or a repeat bringing the text the stored request lacks (with mutual
         # rows, the contact's own write stored the request before its presence arrived). A
         # repeat changes nothing else: the table's cell is "no change".
-        request_text = status or ""
+        request_text = _request_text(status, rules.limits)
     else:
         request_text = row.request_text
     updated = row.evolve(
@@ -399,18 +456,32 @@ def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outc
     """Write an item as an administrator gives it: any state, no state machine, no routing."""
     if rules.policy.read_only:
         raise errors.not_allowed("this roster is managed by another application")
-    row = row_from_record(record)
-    _check_limits(rules.limits, row.name, list(row.groups))
+    if not isinstance(record, dict):
+        raise errors.bad_request("item must be a map")
+    old = txn.get(contact_jid(record.get("jid")))
+    row = row_from_record(record, old)
+    _check_limits(rules.limits, row.name, row.groups)
+    if len(row.request_text) > rules.limits.max_status_length:
+        raise errors.not_acceptable(
+            f"askmessage is longer than {rules.limits.max_status_length} characters")
+    _check_text(row.request_text, "askmessage")
     if row.contact == txn.user:
         raise errors.not_allowed("a user's own JID cannot be a roster item")
-    old = txn.get(row.contact)
-    if old is None and txn.count() >= rules.limits.max_items:
-        raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
+    if row.in_roster and not (old and old.in_roster):
+        _check_room_for_an_item(txn, rules)
+    elif old is None and not row.in_roster:
+        if txn.count_requests() >= rules.limits.max_pending_requests:
+            raise errors.not_allowed(
+                f"{rules.limits.max_pending_requests} strangers' requests pending already")
     if old == row:
         return Outcome({"ver": _version(txn, rules)})
     stored = txn.put(row) or row
     ver = _version(txn, rules)
-    return Outcome({"ver": ver}, [Push(txn.user, wire_item(stored), ver)])
+    if stored.in_roster:
+        return Outcome({"ver": ver}, [Push(txn.user, wire_item(stored), ver)])
+    if old is not None and old.in_roster:
+        return Outcome({"ver": ver}, [Push(txn.user, wire_item(stored, "remove"), ver)])
+    return Outcome({"ver": ver})  # a stranger's request: no item to push
 
 
 def store_del_item(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:

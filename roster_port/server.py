@@ -15,16 +15,19 @@ responses, never inside one.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import selectors
 import signal
+import stat
 import sys
 
 from .config import Config
 from .dispatcher import Dispatcher
 from .framing import FrameDecoder, encode_frame
 from .roster import Rules
+from .store.base import ChangeFeed, OutsideChange
 from .store.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -32,12 +35,46 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 16
 
 
+class NoProtocolChannel(Exception):
+    pass
+
+
 def claim_stdout() -> int:
-    """Keep fd 1 for frames only: return a private copy of it, and send fd 1 to stderr."""
+    """Keep fd 1 for frames only: return a private copy of it (fd 3 or above), and send fd 1
+    to stderr.
+
+    Whatever descriptors the process was started with: a closed fd 0 or 2 is opened on
+    /dev/null first (or a copy would take its number, and stderr would then be the protocol
+    pipe), and a stderr that *is* the protocol pipe (a port opened with stderr_to_stdout) is
+    sent to /dev/null too, since every log line would corrupt a frame there.
+    """
     sys.stdout.flush()
-    frames_fd = os.dup(1)
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if fd == 1:
+                raise NoProtocolChannel("stdout is closed: there is no channel to answer on")
+            _point_at_devnull(fd)
+    if _same_file(1, 2) and stat.S_ISFIFO(os.fstat(1).st_mode):
+        log.error("stderr is the protocol pipe (stderr_to_stdout?); logs go to /dev/null "
+                  "unless [log] file is set")
+        _point_at_devnull(2)
+    frames_fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
     os.dup2(2, 1)
     return frames_fd
+
+
+def _point_at_devnull(fd: int) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def _same_file(fd_a: int, fd_b: int) -> bool:
+    a, b = os.fstat(fd_a), os.fstat(fd_b)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -45,6 +82,14 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
+    try:
+        return feed.read()
+    except Exception:  # noqa: BLE001 - a feed's failure must not end the serving of requests
+        log.exception("reading the change feed failed; trying again at the next wake-up")
+        return []
 
 
 class Terminated(Exception):
@@ -56,7 +101,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def serve(config: Config, *, stdin_fd: int = 0) -> int:
-    frames_fd = claim_stdout()
+    try:
+        frames_fd = claim_stdout()
+    except NoProtocolChannel as exc:
+        log.error("%s; exiting", exc)
+        return 1
     # ejabberd stops its ports by closing the pipe; a TERM from an operator stops us too (an
     # open transaction rolls back; the shim's deadline covers the request it was serving).
     signal.signal(signal.SIGTERM, _terminate)
@@ -79,15 +128,21 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
             polled = feed is not None and feed_fd is None
             ready = {key.data for key, _ in selector.select(feed.poll_interval if polled else None)}
             out: list[bytes] = []
-            if "stdin" in ready:
-                data = os.read(stdin_fd, READ_SIZE)
-                if not data:
-                    break
-                out += [payload for event in decoder.feed(data) if (payload := dispatcher.handle(event))]
-            if feed is not None and ("feed" in ready or polled):
-                out += dispatcher.notifications(feed.read())
-            if out:
-                write_all(frames_fd, b"".join(encode_frame(payload) for payload in out))
+            try:
+                if "stdin" in ready:
+                    data = os.read(stdin_fd, READ_SIZE)
+                    if not data:
+                        break
+                    for event in decoder.feed(data):
+                        if payload := dispatcher.handle(event):  # never raises
+                            out.append(payload)
+                if feed is not None and ("feed" in ready or polled):
+                    out += dispatcher.notifications(_read_feed(feed))
+            finally:
+                # Answers already made are written even when a signal ends the loop here:
+                # their writes are committed, and the shim is waiting for them.
+                if out:
+                    write_all(frames_fd, b"".join(encode_frame(payload) for payload in out))
     except BrokenPipeError:
         log.warning("the shim closed our stdout; exiting")
     except Terminated as exc:

@@ -171,7 +171,8 @@ class StoreContract:
         put_rows(store, user, *rows)
         with store.snapshot(user) as txn:
             assert txn.rows() == sorted(rows, key=lambda row: row.contact)
-            assert txn.count() == len(rows)
+            assert txn.count() == sum(1 for row in rows if row.in_roster)
+            assert txn.count_requests() == sum(1 for row in rows if not row.in_roster)
             for row in rows:
                 assert txn.get(row.contact) == row
 

@@ -194,8 +194,8 @@ def test_limits(store):
     session.set(ALICE, {"jid": BOB})
     session.set(ALICE, {"jid": CAROL})
     assert session.set_error(ALICE, {"jid": "dave@example.com"}) == "not-allowed"
-    # A stranger's request does not fit into a full roster either; it is dropped, not delivered.
-    assert session.inbound(ALICE, "eve@example.com", "subscribe")["deliver"] is False
+    # A stranger's request is no item: it is kept and delivered, and has its own bound.
+    assert session.inbound(ALICE, "eve@example.com", "subscribe")["deliver"] is True
     assert session.set(ALICE, {"jid": BOB, "name": "Bob"})["effects"]  # updates still work
 
 
@@ -330,7 +330,7 @@ def test_store_operations_write_what_the_admin_says(session):
     record = {"jid": BOB, "name": "Bob", "subscription": "both", "ask": "none", "groups": ["G"], "askmessage": "", "approved": False}
     result = session.ok("store_set_item", {"user": ALICE, "item": record})
     assert result["effects"][0]["item"]["subscription"] == "both"
-    assert session.item(ALICE, BOB) == record
+    assert session.item(ALICE, BOB) == {**record, "in_roster": True}
     assert session.ok("store_read_version", {"user": ALICE})["ver"] == result["ver"]
     legacy = {**record, "jid": CAROL, "subscription": "to", "ask": "subscribe"}
     session.ok("store_set_item", {"user": ALICE, "item": legacy})

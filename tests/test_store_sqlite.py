@@ -5,6 +5,7 @@ The behaviour every adapter shares is checked by the contract suite (tests/store
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
@@ -119,6 +120,47 @@ def test_processes_opening_a_fresh_file_together_migrate_it_once(db_path):
                 process.kill()
     assert reports == ["ok"] * processes_count
     assert len(applied_migrations(db_path)) == len(set(applied_migrations(db_path))) == len(MIGRATION_NAMES)
+
+
+def test_opening_waits_for_another_process_holding_the_write_lock_before_wal(db_path):
+    # What the pool meets on a fresh file: one process holds the write lock while the file is
+    # still in rollback mode (it is switching or migrating), and SQLite answers the others'
+    # switch to WAL with SQLITE_BUSY at once, without the busy timeout. They must wait.
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_application (x)")
+    met_the_lock_or_done = threading.Event()
+    opened: list[object] = []
+
+    def open_store() -> None:
+        try:
+            opened.append(SQLiteStore(db_path, busy_timeout_ms=30_000))
+        except StoreError as exc:
+            opened.append(exc)
+        met_the_lock_or_done.set()
+
+    class OnWaiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting to switch it to WAL" in record.getMessage():
+                met_the_lock_or_done.set()
+
+    logger = logging.getLogger("roster_port.store.sqlite")
+    handler, level = OnWaiting(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    opener = threading.Thread(target=open_store)
+    try:
+        opener.start()
+        assert met_the_lock_or_done.wait(timeout=60)
+    finally:
+        other.execute("COMMIT")  # the other process is done: the opener goes on
+        other.close()
+        opener.join(timeout=60)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(opened) == 1 and isinstance(opened[0], SQLiteStore), opened
+    opened[0].close()
+    assert applied_migrations(db_path) == list(MIGRATION_NAMES)
 
 
 def test_the_database_is_in_wal_mode_with_synchronous_normal(open_store, db_path):

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 SUBSCRIPTIONS = ("none", "to", "from", "both")
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -80,6 +83,41 @@ class RosterRow(NamedTuple):
         return self
 
 
+# --- Values as read back ----------------------------------------------------------------------
+# Other applications write the same tables in plain SQL, and a schema cannot check everything
+# (SQLite keeps a blob in a TEXT column; a JSON array may hold anything). A reader never fails
+# on what it finds: a value of the wrong shape is repaired, with a log line naming the row.
+
+
+def stored_text(value: object, user: str, contact: object, column: str) -> str:
+    """A text column as read: text as it is; anything else repaired (logged)."""
+    if type(value) is str:
+        return value
+    if value is None:
+        text = ""
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).decode("utf-8", errors="replace")
+    elif isinstance(value, (int, float)):
+        text = str(value)
+    else:
+        text = ""
+    log.warning("%s: stored row of %r: %s is %s, not text; read as %r",
+                user, contact, column, type(value).__name__, text[:64])
+    return text
+
+
+def stored_groups(value: object, user: str, contact: object) -> tuple[str, ...]:
+    """A groups value as read: a list of texts as it is; otherwise its texts kept (logged)."""
+    if isinstance(value, (list, tuple)) and all(type(group) is str for group in value):
+        return tuple(value)
+    # Never recurse into the value: it may be nested as deep as its writer liked.
+    groups = tuple(group for group in value if type(group) is str) if isinstance(
+        value, (list, tuple)) else ()
+    log.warning("%s: stored row of %r: groups are not a list of text (%s); read as %r",
+                user, contact, type(value).__name__, groups[:8])
+    return groups
+
+
 class RosterTxn(abc.ABC):
     """One user's roster inside one open transaction."""
 
@@ -112,7 +150,15 @@ class RosterTxn(abc.ABC):
 
     @abc.abstractmethod
     def count(self) -> int:
-        """How many rows the user has (for the roster size limit)."""
+        """How many roster items (`in_roster` rows) the user has: the roster size limit."""
+
+    def count_requests(self) -> int:
+        """How many strangers' pending requests (rows not `in_roster`) the user has.
+
+        They have a bound of their own: anyone on any server can mint JIDs to send requests
+        from, and they must never fill the user's own roster. Adapters may count in SQL.
+        """
+        return sum(1 for row in self.rows() if not row.in_roster)
 
     @abc.abstractmethod
     def version(self) -> str:

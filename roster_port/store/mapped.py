@@ -14,7 +14,8 @@ own relationship words and RFC 6121 states:
     put        = ["INSERT ... ON CONFLICT ... DO UPDATE ...", "DELETE FROM tags ...", ...]
     delete     = "..."
     delete_all = "..."
-    count      = "SELECT count(*) ..."        # optional: len(rows()) otherwise
+    count      = "SELECT count(*) ..."        # optional: the roster items of rows() otherwise
+    count_requests = "SELECT count(*) ..."    # optional: the strangers' requests of rows()
     version    = "SELECT version FROM ..."    # optional: an md5 of the rows otherwise
     bump_version = "UPDATE ... "              # optional: run after every write
     user_id    = "SELECT id FROM users WHERE username = %(local)s AND %(domain)s = 'x.org'"
@@ -86,7 +87,7 @@ from typing import Any
 
 import psycopg
 
-from .base import SUBSCRIPTIONS, RosterRow, RosterTxn, StoreError
+from .base import SUBSCRIPTIONS, RosterRow, RosterTxn, StoreError, stored_groups, stored_text
 from .pg_changes import set_origin
 from .postgres import _BEGIN_SNAPSHOT, _BEGIN_WRITE, PostgresStore, _one_line
 
@@ -101,10 +102,10 @@ class MappingError(ValueError):
 
 READ_STATEMENTS = ("rows", "get")
 WRITE_STATEMENTS = ("lock_user", "put", "delete", "delete_all")
-OPTIONAL_STATEMENTS = ("count", "version", "bump_version", "user_id", "jid_of")
+OPTIONAL_STATEMENTS = ("count", "count_requests", "version", "bump_version", "user_id", "jid_of")
 STATEMENTS = READ_STATEMENTS + WRITE_STATEMENTS + OPTIONAL_STATEMENTS
 # Statements that only read, run once for real at validation (in a READ ONLY transaction).
-SINGLE_VALUE_STATEMENTS = ("count", "version", "user_id", "jid_of")
+SINGLE_VALUE_STATEMENTS = ("count", "count_requests", "version", "user_id", "jid_of")
 
 # The named parameters each statement may use (psycopg placeholders: %(name)s).
 _USER_PARAMETERS = ("user", "user_local", "user_domain", "user_id", "origin")
@@ -120,6 +121,7 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "delete": _USER_PARAMETERS + _CONTACT_PARAMETERS,
     "delete_all": _USER_PARAMETERS,
     "count": _USER_PARAMETERS,
+    "count_requests": _USER_PARAMETERS,
     "version": _USER_PARAMETERS,
     "bump_version": _USER_PARAMETERS,
     "user_id": _JID_PARAMETERS,
@@ -455,7 +457,12 @@ class _MappedTxn(RosterTxn):
     def count(self) -> int:
         if "count" in self._mapping.statements:
             return int(self._single("count", self.user_parameters()) or 0)
-        return len(self.rows())
+        return sum(1 for row in self.rows() if row.in_roster)
+
+    def count_requests(self) -> int:
+        if "count_requests" in self._mapping.statements:
+            return int(self._single("count_requests", self.user_parameters()) or 0)
+        return super().count_requests()
 
     def version(self) -> str:
         if "version" in self._mapping.statements:
@@ -563,8 +570,9 @@ class MappedPostgresStore(PostgresStore):
         contact = record.get("contact")
         if contact is None and record.get("contact_id") is not None:
             contact = txn._jid_of(record["contact_id"])
-        if not contact:
-            log.warning("%s: a row without contact JID skipped (%r)", txn.user, record)
+        if not contact or type(contact) is not str:
+            log.warning("%s: a row without contact JID skipped (%r)", txn.user,
+                        {key: repr(value)[:64] for key, value in record.items()})
             return None
         if "status" in record:
             word = record["status"]
@@ -592,17 +600,18 @@ class MappedPostgresStore(PostgresStore):
             spec = StateSpec(subscription, pending_out, pending_in)
         approved = record["approved"] if record.get("approved") is not None else spec.approved
         in_roster = record["in_roster"] if record.get("in_roster") is not None else spec.in_roster
-        groups = record.get("groups") or ()
+        name, groups, text = record.get("name"), record.get("groups"), record.get("request_text")
         return RosterRow(
             contact=contact,
-            name=record.get("name") or "",
+            name=name if type(name) is str else stored_text(name, txn.user, contact, "name"),
             subscription=spec.subscription,
             pending_out=spec.pending_out,
             pending_in=spec.pending_in,
             approved=bool(approved),
             in_roster=bool(in_roster),
-            groups=tuple(groups),
-            request_text=record.get("request_text") or "",
+            groups=() if groups is None else stored_groups(groups, txn.user, contact),
+            request_text=text if type(text) is str else stored_text(text, txn.user, contact,
+                                                                    "request_text"),
         )
 
     # --- Opening: no schema of our own, a mapping to validate -------------------------------

@@ -362,11 +362,13 @@ _SELECT_ROW = sql.SQL(
 # `count` would read next, to check the roster size limit before a new item): one round trip
 # where two were. The count is computed only when the row is missing (a one-time filter).
 _SELECT_ROW_OR_COUNT = sql.SQL("""
-    SELECT {columns}, NULL::bigint FROM roster_items
+    SELECT {columns}, NULL::bigint, NULL::bigint FROM roster_items
     WHERE username = %(user)s AND contact = %(contact)s
     UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           (SELECT count(*) FROM roster_items WHERE username = %(user)s)
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, counts.items, counts.requests
+    FROM (SELECT count(*) FILTER (WHERE in_roster) AS items,
+                 count(*) FILTER (WHERE NOT in_roster) AS requests
+          FROM roster_items WHERE username = %(user)s) AS counts
     WHERE NOT EXISTS (SELECT FROM roster_items
                       WHERE username = %(user)s AND contact = %(contact)s)
 """).format(columns=_SELECT_COLUMNS).as_string(None)
@@ -387,7 +389,8 @@ _UPSERT_ROW = """
 """
 _DELETE_ROW = "DELETE FROM roster_items WHERE username = %s AND contact = %s"
 _DELETE_ROWS = "DELETE FROM roster_items WHERE username = %s"
-_COUNT_ROWS = "SELECT count(*) FROM roster_items WHERE username = %s"
+_COUNT_ROWS = ("SELECT count(*) FILTER (WHERE in_roster), count(*) FILTER (WHERE NOT in_roster) "
+               "FROM roster_items WHERE username = %s")
 _READ_VERSION = "SELECT counter FROM roster_versions WHERE username = %s"
 # Takes the user's lock and reads the version, in one statement: the upsert creates the counter
 # row if missing (counter 0: version "0", so that there is a row to lock even for a user never
@@ -426,9 +429,9 @@ class _PostgresTxn(RosterTxn):
         self._lock_user = lock_user
         self._begun = False  # BEGIN sent: the scope ends with COMMIT or ROLLBACK
         self._counter: int | None = None  # the version as it stands in this transaction
-        # The number of rows, once read (under the user's lock, only this scope changes it;
-        # every write forgets it).
-        self._count: int | None = None
+        # The numbers of items and of strangers' requests, once read (under the user's lock,
+        # only this scope changes them; every write forgets them).
+        self._count: tuple[int, int] | None = None
 
     def _execute(self, query: str, parameters: tuple | dict = (), *,
                  writes: bool = False) -> psycopg.Cursor:
@@ -496,10 +499,10 @@ class _PostgresTxn(RosterTxn):
             return None if record is None else _row_from_record(record)
         record = self._execute(_SELECT_ROW_OR_COUNT,
                                {"user": self.user, "contact": contact}).fetchone()
-        if record[0] is None:  # no such row: the count of the others came instead
-            self._count = record[-1]
+        if record[0] is None:  # no such row: the counts of the others came instead
+            self._count = tuple(record[-2:])
             return None
-        return _row_from_record(record[:-1])
+        return _row_from_record(record[:-2])
 
     def put(self, row: RosterRow) -> None:
         self._check_writable("put")
@@ -530,8 +533,14 @@ class _PostgresTxn(RosterTxn):
         self._execute(_DELETE_ROWS, (self.user,), writes=True)
 
     def count(self) -> int:
+        return self._counts()[0]
+
+    def count_requests(self) -> int:
+        return self._counts()[1]
+
+    def _counts(self) -> tuple[int, int]:
         if self._count is None:
-            self._count = self._execute(_COUNT_ROWS, (self.user,)).fetchone()[0]
+            self._count = tuple(self._execute(_COUNT_ROWS, (self.user,)).fetchone())
         return self._count
 
     def version(self) -> str:

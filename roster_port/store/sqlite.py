@@ -45,6 +45,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,8 @@ from roster_port.store.base import (
     RosterTxn,
     StoreError,
     StoreUnavailable,
+    stored_groups,
+    stored_text,
 )
 
 log = logging.getLogger(__name__)
@@ -103,14 +106,46 @@ _SELECT_COLUMNS = (
 )
 
 
-@functools.lru_cache(maxsize=4096)
-def _groups_from_json(text: str) -> tuple[str, ...]:
-    # Cached: a site has few distinct group lists, and parsing JSON is most of reading a row.
-    return tuple(json.loads(text))
+# Group lists are cached parsed: a site has few distinct ones, and parsing JSON is most of
+# reading a row. Only short texts are cached, so the cache holds at most
+# GROUPS_CACHE_SIZE * GROUPS_CACHE_TEXT characters whatever the rows hold.
+GROUPS_CACHE_SIZE = 4096
+GROUPS_CACHE_TEXT = 256
 
 
-def _row_from_record(record: tuple) -> RosterRow:
+@functools.lru_cache(maxsize=GROUPS_CACHE_SIZE)
+def _cached_groups(text: str) -> tuple[str, ...] | None:
+    """The groups of a short JSON text, or None when it is not a JSON list of texts."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if type(value) is list and all(type(group) is str for group in value):
+        return tuple(value)
+    return None
+
+
+def _groups_from_json(value: object, user: str, contact: object) -> tuple[str, ...]:
+    if type(value) is str and len(value) <= GROUPS_CACHE_TEXT:
+        groups = _cached_groups(value)
+        if groups is not None:
+            return groups
+    # Long, or not a list of texts: the CHECK lets any JSON array through, and a blob past it.
+    try:
+        parsed = json.loads(value) if isinstance(value, (str, bytes)) else value
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json reads
+        log.warning("%s: stored row of %r: groups are not readable JSON (%s); read as ()",
+                    user, contact, type(exc).__name__)
+        return ()
+    return stored_groups(parsed, user, contact)
+
+
+def _row_from_record(record: tuple, user: str) -> RosterRow:
     contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text = record
+    if not (type(contact) is str and type(name) is str and type(text) is str):
+        contact = stored_text(contact, user, contact, "contact")
+        name = stored_text(name, user, contact, "name")
+        text = stored_text(text, user, contact, "request_text")
     return RosterRow(
         contact,
         name,
@@ -119,7 +154,7 @@ def _row_from_record(record: tuple) -> RosterRow:
         bool(pending_in),
         bool(approved),
         bool(in_roster),
-        _groups_from_json(groups),
+        _groups_from_json(groups, user, contact),
         text,
     )
 
@@ -164,14 +199,14 @@ class _SQLiteTxn(RosterTxn):
             f"SELECT {_SELECT_COLUMNS} FROM roster_items WHERE user = ? ORDER BY contact",
             (self.user,),
         )
-        return [_row_from_record(record) for record in cursor]
+        return [_row_from_record(record, self.user) for record in cursor]
 
     def get(self, contact: str) -> RosterRow | None:
         record = self._execute(
             f"SELECT {_SELECT_COLUMNS} FROM roster_items WHERE user = ? AND contact = ?",
             (self.user, contact),
         ).fetchone()
-        return None if record is None else _row_from_record(record)
+        return None if record is None else _row_from_record(record, self.user)
 
     def put(self, row: RosterRow) -> None:
         self._check_writable("put")
@@ -218,7 +253,12 @@ class _SQLiteTxn(RosterTxn):
 
     def count(self) -> int:
         return self._execute(
-            "SELECT count(*) FROM roster_items WHERE user = ?", (self.user,)
+            "SELECT count(*) FROM roster_items WHERE user = ? AND in_roster", (self.user,)
+        ).fetchone()[0]
+
+    def count_requests(self) -> int:
+        return self._execute(
+            "SELECT count(*) FROM roster_items WHERE user = ? AND NOT in_roster", (self.user,)
         ).fetchone()[0]
 
     def version(self) -> str:
@@ -408,10 +448,36 @@ class SQLiteStore(RosterStore):
         if self.read_only:
             connection.execute("PRAGMA query_only = ON")  # a second guard below our own
         elif connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            # Persistent: stored in the file, for every later connection.
-            connection.execute("PRAGMA journal_mode = WAL")
+            self._switch_to_wal(connection)
         connection.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; no fsync per commit
         self._migrate(connection)
+
+    def _switch_to_wal(self, connection: sqlite3.Connection) -> None:
+        """WAL mode is persistent (stored in the file, for every later connection).
+
+        Switching needs the file's exclusive lock, and SQLite answers SQLITE_BUSY at once,
+        without its busy handler, when another connection holds the write lock of a file still
+        in rollback mode: exactly what a pool of processes opening a fresh file together meets
+        (one of them is switching or migrating). So wait for it here, as the busy timeout would.
+        """
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        delay = 0.001
+        while True:
+            try:
+                if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal":
+                    return
+            except sqlite3.OperationalError as exc:
+                if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+                    raise
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable(
+                    f"{self.path}: could not switch to WAL mode within "
+                    f"{self.busy_timeout_ms} ms (the file stays locked by another process)")
+            if delay == 0.001:
+                log.info("%s is locked by another process; waiting to switch it to WAL mode",
+                         self.path)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     @staticmethod
     def _pending_migrations(connection: sqlite3.Connection) -> list[str]:
@@ -517,11 +583,17 @@ class SQLiteChangeFeed(ChangeFeed):
             return []
         if records:
             self._after = records[-1][0]
-        return [
-            OutsideChange(user, contact, old, new)
-            for _, user, contact, old, new, origin in records
-            if origin != self.origin
-        ]
+        changes = []
+        for entry_id, user, contact, old, new, origin in records:
+            if origin == self.origin:
+                continue
+            if type(user) is not str or type(contact) is not str:
+                # Written by another application's UPDATE of the key columns to non-text.
+                log.warning("change feed on %s: entry %s names no user and contact (%r, %r); "
+                            "skipped", self.path, entry_id, user, contact)
+                continue
+            changes.append(OutsideChange(user, contact, old, new))
+        return changes
 
     def close(self) -> None:
         self._connection.close()
