@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import PROTOCOL_VERSIONS, __version__, roster
-from .errors import ProtocolError, StanzaError
+from .errors import ProtocolError, StanzaError, shown
 from .framing import Frame, FrameEvent, OversizedFrame
 from .jid import InvalidJID, bare_jid
 from .messages import (
@@ -208,7 +208,7 @@ class Dispatcher:
             return {"effects": []}
         operation = OPERATIONS.get(request.op)
         if operation is None:
-            raise ProtocolError("unknown_op", f"unknown op {request.op!r}")
+            raise ProtocolError("unknown_op", f"unknown op {shown(request.op)}")
         user = self._user(request.args)
         scope = self.store.transaction if operation.writes_for(request.args) else self.store.snapshot
         with scope(user) as txn:
@@ -249,9 +249,9 @@ class Dispatcher:
         try:
             normalised = bare_jid(user)
         except InvalidJID as exc:
-            raise ProtocolError("bad_request", f"invalid user {user!r}: {exc}") from None
+            raise ProtocolError("bad_request", f"invalid user {shown(user)}: {exc}") from None
         if "@" not in normalised:
-            raise ProtocolError("bad_request", f"user {user!r} has no localpart")
+            raise ProtocolError("bad_request", f"user {shown(user)} has no localpart")
         return normalised
 
     def _hello(self, args: dict[str, Any]) -> dict[str, Any]:

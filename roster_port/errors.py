@@ -26,6 +26,16 @@ class StanzaError(Exception):
         }
 
 
+def shown(value: Any, limit: int = 64) -> str:
+    """A value from a request as an error message or a log line may quote it: bounded, since
+    a request may carry megabytes where a JID or a word is expected."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} in all)"
+    if isinstance(value, (list, dict, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return repr(value)[: limit * 2]
+
+
 def bad_request(text: str) -> StanzaError:
     return StanzaError("modify", "bad-request", text)
 

@@ -54,6 +54,7 @@ def _text_of_bins(value: Any) -> Any:
 # decoding passes either bound. Deep nesting is bounded with them (it takes a container a level).
 MAX_CONTAINERS = 64
 MAX_CONTAINER_LEN = 1024
+MAX_OP_LENGTH = 64
 
 
 class _Budget:
@@ -103,6 +104,8 @@ def decode_request(payload: bytes) -> Request:
     op, args = _text_of_bins(op), _text_of_bins(args)
     if not isinstance(op, str):
         raise RequestError(request_id, ProtocolError("bad_request", "op must be text"))
+    if len(op) > MAX_OP_LENGTH:  # no op is; and an op is quoted in logs and errors
+        raise RequestError(request_id, ProtocolError("unknown_op", f"an op of {len(op)} characters"))
     if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
         raise RequestError(request_id, ProtocolError("bad_request", "args must be a map with text keys"))
     return Request(request_id, op, args)

@@ -111,10 +111,10 @@ def row_from_record(record: dict[str, Any], old: RosterRow | None) -> RosterRow:
     contact = contact_jid(record.get("jid"))
     ask = record.get("ask") or "none"
     if type(ask) is not str or ask not in _PENDING_OF_ASK:
-        raise errors.bad_request(f"unknown ask value {ask!r}"[:200])
+        raise errors.bad_request(f"unknown ask value {errors.shown(ask)}")
     subscription = record.get("subscription") or "none"
     if type(subscription) is not str or subscription not in ("none", "to", "from", "both"):
-        raise errors.bad_request(f"unknown subscription {subscription!r}"[:200])
+        raise errors.bad_request(f"unknown subscription {errors.shown(subscription)}")
     pending_out, pending_in = _PENDING_OF_ASK[ask]
     name = _text(record.get("name"), "name")
     groups = tuple(_groups(record.get("groups")))
@@ -167,7 +167,7 @@ def contact_jid(value: Any) -> str:
     try:
         return bare_jid(value)
     except InvalidJID as exc:
-        raise errors.StanzaError("modify", "jid-malformed", f"invalid JID {value!r}: {exc}") from None
+        raise errors.StanzaError("modify", "jid-malformed", f"invalid JID {errors.shown(value)}: {exc}") from None
 
 
 def state_of(row: RosterRow) -> SubState:

@@ -33,6 +33,9 @@ from .store.factory import open_store
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16
+# Responses are written together, one write for all those one read completes, unless they
+# reach this size first: what is held for writing stays bounded whatever one read asks for.
+FLUSH_BYTES = 1 << 18
 
 
 class NoProtocolChannel(Exception):
@@ -84,6 +87,28 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class _Responses:
+    """Responses to write: all those one read completes in one write, unless they reach
+    FLUSH_BYTES first (64 KiB of requests may ask for gigabytes of answers)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._frames: list[bytes] = []
+        self._size = 0
+
+    def add(self, payload: bytes | None) -> None:
+        if payload:
+            self._frames.append(encode_frame(payload))
+            self._size += len(payload)
+            if self._size >= FLUSH_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._frames:
+            frames, self._frames, self._size = self._frames, [], 0
+            write_all(self._fd, b"".join(frames))
+
+
 def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
     try:
         return feed.read()
@@ -127,22 +152,21 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
                 feed_fd = fd
             polled = feed is not None and feed_fd is None
             ready = {key.data for key, _ in selector.select(feed.poll_interval if polled else None)}
-            out: list[bytes] = []
+            out = _Responses(frames_fd)
             try:
                 if "stdin" in ready:
                     data = os.read(stdin_fd, READ_SIZE)
                     if not data:
                         break
                     for event in decoder.feed(data):
-                        if payload := dispatcher.handle(event):  # never raises
-                            out.append(payload)
+                        out.add(dispatcher.handle(event))  # never raises
                 if feed is not None and ("feed" in ready or polled):
-                    out += dispatcher.notifications(_read_feed(feed))
+                    for payload in dispatcher.notifications(_read_feed(feed)):
+                        out.add(payload)
             finally:
                 # Answers already made are written even when a signal ends the loop here:
                 # their writes are committed, and the shim is waiting for them.
-                if out:
-                    write_all(frames_fd, b"".join(encode_frame(payload) for payload in out))
+                out.flush()
     except BrokenPipeError:
         log.warning("the shim closed our stdout; exiting")
     except Terminated as exc:

@@ -309,3 +309,26 @@ def test_with_stderr_closed_at_start_no_descriptor_but_the_frames_one_is_the_pro
         process.stdin.close()
         assert process.wait(timeout=30) == 0
         process.stdout.close()
+
+
+# --- Found on the way: answers held for one write are bounded -------------------------------
+
+
+def test_answers_held_for_one_write_are_bounded_whatever_one_read_asks_for(tmp_path):
+    # 64 KiB of roster_get requests may ask for thousands of large rosters: the answers go out
+    # as they reach FLUSH_BYTES, not all at the end of the read.
+    from roster_port.server import FLUSH_BYTES, _Responses
+
+    fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+    try:
+        responses, answer = _Responses(fd), b"x" * (FLUSH_BYTES // 3)
+        written = []
+        for _ in range(10):
+            responses.add(answer)
+            written.append(os.fstat(fd).st_size)
+        held = [len(answer) * (index + 1) - size for index, size in enumerate(written)]
+        assert max(held) < FLUSH_BYTES + 4 * len(written)
+        responses.flush()
+        assert os.fstat(fd).st_size == 10 * (len(answer) + 4)
+    finally:
+        os.close(fd)
