@@ -226,8 +226,8 @@ roster_get(Acc, {LUser, LServer}) ->
             %% Taken before the request is sent: see roster_port_cache.
             ReadAt = roster_port_cache:stamp(),
             case call(LServer, LUser, <<"roster_get">>, #{}) of
-                {ok, #{<<"items">> := WireItems}} ->
-                    Items = [roster_port_wire:wire_to_roster_item(I) || I <- WireItems],
+                {ok, #{<<"items">> := WireItems}} when is_list(WireItems) ->
+                    Items = roster_items(<<"roster_get item">>, User, WireItems),
                     roster_port_cache:store_roster(Cache, User, ReadAt, Items),
                     Items ++ Acc;
                 _ ->
@@ -295,7 +295,7 @@ get_jid_info(_Acc, User, Server, JID) ->
               end,
     Cache = roster_port_pool:cache(LServer),
     Owner = <<LUser/binary, "@", LServer/binary>>,
-    case roster_port_cache:lookup_jid_info(Cache, Owner, contact_key(Contact)) of
+    case roster_port_cache:lookup_jid_info(Cache, Owner, roster_port_wire:contact_key(Contact)) of
         {ok, absent} -> {none, none, []};
         {ok, Info} -> Info;
         not_loaded -> load_jid_info(Cache, LServer, LUser, Contact);
@@ -312,32 +312,21 @@ ask_jid_info(LServer, LUser, Contact) ->
 
 load_jid_info(Cache, LServer, LUser, Contact) ->
     LoadedAt = roster_port_cache:stamp(),
+    User = <<LUser/binary, "@", LServer/binary>>,
     case call(LServer, LUser, <<"store_get_roster">>, #{}) of
         {ok, #{<<"items">> := Items}} when is_list(Items) ->
-            try [{contact_key(jid:decode(J)),
-                  {roster_port_wire:subscription(maps:get(<<"subscription">>, I, <<"none">>)),
-                   roster_port_wire:pending(maps:get(<<"ask">>, I, <<"none">>)),
-                   maps:get(<<"groups">>, I, [])}}
-                 || #{<<"jid">> := J} = I <- Items] of
-                Entries ->
-                    roster_port_cache:store_jid_info(
-                      Cache, <<LUser/binary, "@", LServer/binary>>, LoadedAt, Entries),
-                    case lists:keyfind(contact_key(Contact), 1, Entries) of
-                        {_, Info} -> Info;
-                        false -> {none, none, []}
-                    end
-            catch _:_ ->
-                    %% A row ejabberd cannot parse: not cached, asked alone.
-                    ask_jid_info(LServer, LUser, Contact)
+            %% A row whose JID ejabberd cannot parse is no contact ejabberd can
+            %% ask about: skipped, and the rest is kept.
+            {Entries, Skipped} = roster_port_wire:jid_info_entries(Items),
+            log_skipped(<<"store_get_roster row">>, User, Skipped),
+            roster_port_cache:store_jid_info(Cache, User, LoadedAt, Entries),
+            case lists:keyfind(roster_port_wire:contact_key(Contact), 1, Entries) of
+                {_, Info} -> Info;
+                false -> {none, none, []}
             end;
         _ ->
             {none, none, []}
     end.
-
-%% ejabberd's normal form of a bare JID, the cache's key for a contact (the
-%% program's normal form of a stored contact is the same stringprep).
-contact_key(#jid{} = JID) ->
-    jid:tolower(jid:remove_resource(JID)).
 
 remove_user_hook(User, Server) ->
     LUser = jid:nodeprep(User),
@@ -357,15 +346,16 @@ c2s_self_presence({#presence{type = available, priority = Prio} = Pres,
                    #{jid := #jid{luser = LUser, lserver = LServer} = JID} = State})
   when Prio == undefined; Prio >= 0 ->
     case call(LServer, LUser, <<"pending_in">>, #{}) of
-        {ok, #{<<"requests">> := Requests}} ->
+        {ok, #{<<"requests">> := Requests}} when is_list(Requests) ->
             BareJID = jid:remove_resource(JID),
+            {Valid, Skipped} = roster_port_wire:pending_requests(Requests),
+            log_skipped(<<"pending_in request">>, roster_port_wire:bare(JID), Skipped),
             State1 = lists:foldl(
-                       fun(#{<<"from">> := From} = R, S) ->
-                               Sub = #presence{from = jid:decode(From), to = BareJID,
-                                               type = subscribe,
-                                               status = roster_port_wire:text(maps:get(<<"status">>, R, nil))},
-                               ejabberd_c2s:send(S, Sub)
-                       end, State, Requests),
+                       fun({From, Status}, S) ->
+                               ejabberd_c2s:send(S, #presence{from = From, to = BareJID,
+                                                              type = subscribe,
+                                                              status = Status})
+                       end, State, Valid),
             {Pres, State1};
         _ ->
             {Pres, State}
@@ -445,7 +435,8 @@ roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
              <<"access">> => atom_to_binary(Access)},
     case call(LServer, LUser, <<"roster_iq">>, Args) of
         {ok, #{<<"items">> := WireItems} = R} when Type == get, is_list(WireItems) ->
-            RosterItems = [roster_port_wire:wire_to_roster_item(I) || I <- WireItems],
+            RosterItems = roster_items(<<"roster_iq item">>,
+                                       <<LUser/binary, "@", LServer/binary>>, WireItems),
             Query = roster_port_wire:roster_query(WireItems, RosterItems, maps:get(<<"ver">>, R, nil)),
             keep_iq_answer(CacheAs, R, Query, RosterItems),
             xmpp:make_iq_result(IQ, Query);
@@ -497,12 +488,32 @@ run_effects(Host, Effects) when is_list(Effects) ->
 run_effects(_Host, _) ->
     ok.
 
-%% One bad effect is logged and skipped; it never breaks the hook.
+%% One bad effect is logged and skipped; it never breaks the hook. An effect
+%% naming a JID ejabberd cannot parse is skipped with a warning.
 run_effect(Host, Effect) ->
     try effect(Effect)
-    catch Class:Reason:Stack ->
+    catch
+        throw:{undecodable_jid, J} ->
+            #{<<"type">> := Type} = Effect,
+            log_skipped(<<Type/binary, " effect">>, effect_user(Effect), [J]);
+        Class:Reason:Stack ->
             ?ERROR_MSG("roster-port ~ts: cannot carry out effect ~p: ~p:~p~n~p",
                        [Host, Effect, Class, Reason, Stack])
+    end.
+
+%% A JID of an effect, or the effect is skipped (run_effect/2).
+effect_jid(J) ->
+    case roster_port_wire:decode_jid(J) of
+        {ok, JID} -> JID;
+        error -> throw({undecodable_jid, J})
+    end.
+
+%% Whom an effect is about, for the log (the program's value: bounded).
+effect_user(Effect) ->
+    User = maps:get(<<"user">>, Effect, maps:get(<<"from">>, Effect, undefined)),
+    case roster_port_wire:decode_jid(User) of
+        {ok, JID} -> roster_port_wire:bare(JID);
+        error -> roster_port_wire:printable(User)
     end.
 
 %% The user's resources on this node.
@@ -515,7 +526,8 @@ local_resources(LUser, LServer) ->
           end].
 
 effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) ->
-    #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
+    #jid{luser = LUser, lserver = LServer} = BareJID = effect_jid(User),
+    _ = effect_jid(maps:get(<<"jid">>, Item, undefined)),
     Query = roster_port_wire:roster_query([Item], maps:get(<<"ver">>, E, nil)),
     lists:foreach(
       fun(Resource) ->
@@ -528,12 +540,12 @@ effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) 
 effect(#{<<"type">> := <<"route_presence">>, <<"from">> := From, <<"to">> := To,
          <<"presence_type">> := Type} = E) ->
     ejabberd_router:route(
-      #presence{from = jid:decode(From), to = jid:decode(To),
+      #presence{from = effect_jid(From), to = effect_jid(To),
                 type = roster_port_wire:presence_type(Type),
                 status = roster_port_wire:text(maps:get(<<"status">>, E, nil))});
 effect(#{<<"type">> := <<"send_presence">>, <<"user">> := User, <<"to">> := To}) ->
-    #jid{luser = LUser, lserver = LServer} = jid:decode(User),
-    ToJID = jid:decode(To),
+    #jid{luser = LUser, lserver = LServer} = effect_jid(User),
+    ToJID = effect_jid(To),
     %% Each session sends its own last available presence (if it has one).
     lists:foreach(
       fun(Resource) ->
@@ -543,8 +555,8 @@ effect(#{<<"type">> := <<"send_presence">>, <<"user">> := User, <<"to">> := To})
               end
       end, local_resources(LUser, LServer));
 effect(#{<<"type">> := <<"send_unavailable">>, <<"user">> := User, <<"to">> := To}) ->
-    #jid{luser = LUser, lserver = LServer} = BareJID = jid:decode(User),
-    ToJID = jid:decode(To),
+    #jid{luser = LUser, lserver = LServer} = BareJID = effect_jid(User),
+    ToJID = effect_jid(To),
     lists:foreach(
       fun(Resource) ->
               ejabberd_router:route(
@@ -622,16 +634,21 @@ write_roster_version(_LUser, _LServer, _InTransaction, _Ver) ->
 
 get_roster(LUser, LServer) ->
     case store(LServer, LUser, <<"store_get_roster">>, #{}) of
-        {ok, #{<<"items">> := Items}} ->
-            {ok, [roster_port_wire:map_to_record(LUser, LServer, I) || I <- Items]};
+        {ok, #{<<"items">> := Items}} when is_list(Items) ->
+            {ok, records(<<"store_get_roster row">>, LUser, LServer, Items)};
         _ ->
             error
     end.
 
 get_roster_item(LUser, LServer, LJID) ->
     case store(LServer, LUser, <<"store_get_item">>, #{<<"contact">> => roster_port_wire:bare(LJID)}) of
-        {ok, #{<<"item">> := #{} = Item}} -> {ok, roster_port_wire:map_to_record(LUser, LServer, Item)};
-        _ -> error
+        {ok, #{<<"item">> := #{} = Item}} ->
+            case records(<<"store_get_item row">>, LUser, LServer, [Item]) of
+                [Record] -> {ok, Record};
+                [] -> error
+            end;
+        _ ->
+            error
     end.
 
 read_subscription_and_groups(LUser, LServer, LJID) ->
@@ -750,6 +767,26 @@ store(LServer, LUser, Op, Args) ->
 %%%===================================================================
 %%% Calls and conversions
 %%%===================================================================
+
+%% The conversions of the program's answers that skip what names a JID
+%% ejabberd cannot parse (a row another application wrote), one warning
+%% line each: one bad row costs that item, never the user's whole answer.
+roster_items(What, User, WireItems) ->
+    {Items, Skipped} = roster_port_wire:roster_items(WireItems),
+    log_skipped(What, User, Skipped),
+    Items.
+
+records(What, LUser, LServer, Maps) ->
+    {Records, Skipped} = roster_port_wire:records(LUser, LServer, Maps),
+    log_skipped(What, <<LUser/binary, "@", LServer/binary>>, Skipped),
+    Records.
+
+log_skipped(What, User, Skipped) ->
+    lists:foreach(
+      fun(J) ->
+              ?WARNING_MSG("roster-port: skipped a ~ts for ~ts: ejabberd cannot parse the JID ~ts",
+                           [What, User, roster_port_wire:printable(J)])
+      end, Skipped).
 
 call(LServer, LUser, Op, Args) ->
     call(LServer, LUser, Op, Args, #{}).

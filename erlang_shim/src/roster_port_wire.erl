@@ -6,22 +6,35 @@
 %%%
 %%% Pure functions, no process and no state: mod_roster_port calls them on
 %%% its way to and from the program.
+%%%
+%%% JIDs from the program. The program serves rows that other applications
+%%% also write, so a JID it answers may be one ejabberd's jid:decode/1 refuses
+%%% (x@[a b], a NUL, @example.com, a part over 1023 bytes). No conversion here
+%%% raises on one: decode_jid/1 answers error, and the list conversions
+%%% (roster_items/1, records/3, jid_info_entries/1, pending_requests/1) return
+%%% what they could convert and, apart, the JIDs they skipped, for the caller
+%%% to log (printable/1) and serve the rest.
 -module(roster_port_wire).
 
 -export([bare/1,
          client_item/1,
-         map_to_record/3,
+         contact_key/1,
+         decode_jid/1,
+         jid_info_entries/1,
          nil_if_undefined/1,
          pending/1,
+         pending_requests/1,
          presence_type/1,
+         printable/1,
          record_to_map/1,
+         records/3,
+         roster_items/1,
          roster_query/2,
          roster_query/3,
          stanza_error/2,
          status/1,
          subscription/1,
-         text/1,
-         wire_to_roster_item/1]).
+         text/1]).
 
 -include("xmpp.hrl").
 -include("mod_roster.hrl").
@@ -52,13 +65,17 @@ stanza_conditions() ->
 
 %% A <query/> with the items. xmpp 1.6.1's #roster_item has no `approved`,
 %% so the query is encoded and then approved='true' is added to the items
-%% that carry it.
+%% that carry it. Items whose JID ejabberd cannot parse are left out (the
+%% caller learns which from roster_items/1).
 roster_query(WireItems, Ver) ->
-    roster_query(WireItems, [wire_to_roster_item(I) || I <- WireItems], Ver).
+    {RosterItems, _Skipped} = roster_items(WireItems),
+    roster_query(WireItems, RosterItems, Ver).
 
+%% RosterItems: roster_items(WireItems)'s.
 roster_query(WireItems, RosterItems, Ver) ->
     Query = #roster_query{items = RosterItems, ver = undefined_if_nil(Ver)},
-    case [jid:encode(jid:decode(J)) || #{<<"jid">> := J, <<"approved">> := true} <- WireItems] of
+    case [jid:encode(JID) || #{<<"jid">> := J, <<"approved">> := true} <- WireItems,
+                             {ok, JID} <- [decode_jid(J)]] of
         [] ->
             Query;
         Approved ->
@@ -86,7 +103,8 @@ status(#presence{status = Status}) ->
 
 text(nil) -> [];
 text(<<>>) -> [];
-text(Text) when is_binary(Text) -> xmpp:mk_text(Text).
+text(Text) when is_binary(Text) -> xmpp:mk_text(Text);
+text(_) -> [].
 
 nil_if_undefined(undefined) -> nil;
 nil_if_undefined(V) -> V.
@@ -108,8 +126,74 @@ presence_type(T) ->
     one_of(T, [available, unavailable, subscribe, subscribed, unsubscribe,
                unsubscribed, probe, error], available).
 
-wire_to_roster_item(#{<<"jid">> := J} = I) ->
-    #roster_item{jid = jid:decode(J),
+%%%-------------------------------------------------------------------
+%%% JIDs from the program
+%%%-------------------------------------------------------------------
+
+%% jid:decode/1 without its exception ({bad_jid, J}): anything ejabberd
+%% refuses, and anything that is not a binary, is `error`.
+decode_jid(J) when is_binary(J) ->
+    try {ok, jid:decode(J)}
+    catch error:_ -> error
+    end;
+decode_jid(_) ->
+    error.
+
+%% ejabberd's normal form of a bare JID, the read cache's key for a contact
+%% (the program's normal form of a stored contact is the same stringprep).
+contact_key(#jid{} = JID) ->
+    jid:tolower(jid:remove_resource(JID)).
+
+%% What the log shows of a JID that could not be used: at most ?SHOWN bytes
+%% of it, quoted, every byte outside printable ASCII (and the quote and the
+%% backslash) escaped, so a hostile value can neither flood the log nor
+%% forge lines in it. A value that is no binary shows as a term, as shortly.
+-define(SHOWN, 100).
+
+printable(J) when is_binary(J) ->
+    Size = byte_size(J),
+    Shown = escape(binary:part(J, 0, min(Size, ?SHOWN))),
+    case Size > ?SHOWN of
+        true -> <<$", Shown/binary, "\"... (", (integer_to_binary(Size))/binary, " bytes)">>;
+        false -> <<$", Shown/binary, $">>
+    end;
+printable(Term) ->
+    Text = iolist_to_binary(io_lib:format("~0P", [Term, 6])),
+    escape(binary:part(Text, 0, min(byte_size(Text), ?SHOWN))).
+
+escape(Bin) ->
+    << <<(escape_byte(B))/binary>> || <<B>> <= Bin >>.
+
+escape_byte($") -> <<"\\\"">>;
+escape_byte($\\) -> <<"\\\\">>;
+escape_byte(B) when B >= 16#20, B < 16#7f -> <<B>>;
+escape_byte(B) -> iolist_to_binary(io_lib:format("\\x~2.16.0b", [B])).
+
+%% Splits Maps into those whose JID (the value of Key) ejabberd can parse,
+%% each converted by Convert(JID, Map), and the values of Key of the others
+%% (anything that is not a map: itself), in order: {Converted, Skipped}.
+partition(Key, Convert, Maps) when is_list(Maps) ->
+    {Ok, Bad} = lists:foldl(
+                  fun(M, {Ok, Bad}) ->
+                          J = case M of
+                                  #{Key := V} -> V;
+                                  _ when is_map(M) -> undefined;
+                                  _ -> M
+                              end,
+                          case is_map(M) andalso decode_jid(J) of
+                              {ok, JID} -> {[Convert(JID, M) | Ok], Bad};
+                              _ -> {Ok, [J | Bad]}
+                          end
+                  end, {[], []}, Maps),
+    {lists:reverse(Ok), lists:reverse(Bad)}.
+
+%% Wire items (roster_get, a roster IQ get, a push) to #roster_item{}s:
+%% {RosterItems, SkippedJids}.
+roster_items(WireItems) ->
+    partition(<<"jid">>, fun roster_item/2, WireItems).
+
+roster_item(JID, I) ->
+    #roster_item{jid = JID,
                  name = case maps:get(<<"name">>, I, nil) of
                             N when is_binary(N) -> N;
                             _ -> <<>>
@@ -138,11 +222,15 @@ record_to_map(#roster{jid = LJID, name = Name, subscription = Sub, ask = Ask,
                               _ -> <<>>
                           end}.
 
-%% A stored record from the program. Its `approved` and `in_roster` have no
-%% place in #roster{} and are dropped (record_to_map/1 then leaves them as
-%% stored).
-map_to_record(LUser, LServer, #{<<"jid">> := J} = M) ->
-    LJID = jid:tolower(jid:remove_resource(jid:decode(J))),
+%% Stored records from the program (store_get_roster, store_get_item) to
+%% #roster{}s: {Records, SkippedJids}. Their `approved` and `in_roster` have
+%% no place in #roster{} and are dropped (record_to_map/1 then leaves them
+%% as stored).
+records(LUser, LServer, Maps) ->
+    partition(<<"jid">>, fun(JID, M) -> record(LUser, LServer, JID, M) end, Maps).
+
+record(LUser, LServer, JID, M) ->
+    LJID = contact_key(JID),
     #roster{usj = {LUser, LServer, LJID},
             us = {LUser, LServer},
             jid = LJID,
@@ -154,3 +242,19 @@ map_to_record(LUser, LServer, #{<<"jid">> := J} = M) ->
 
 bin(B) when is_binary(B) -> B;
 bin(_) -> <<>>.
+
+%% store_get_roster's rows as the read cache keeps them for jid_info:
+%% {[{contact_key(), {Subscription, Ask, Groups}}], SkippedJids}.
+jid_info_entries(Maps) ->
+    partition(<<"jid">>,
+              fun(JID, M) ->
+                      {contact_key(JID),
+                       {subscription(maps:get(<<"subscription">>, M, <<"none">>)),
+                        pending(maps:get(<<"ask">>, M, <<"none">>)),
+                        maps:get(<<"groups">>, M, [])}}
+              end, Maps).
+
+%% pending_in's requests: {[{From :: #jid{}, Status :: [#text{}]}], SkippedJids}.
+pending_requests(Requests) ->
+    partition(<<"from">>,
+              fun(JID, R) -> {JID, text(maps:get(<<"status">>, R, nil))} end, Requests).
