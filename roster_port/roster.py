@@ -214,7 +214,8 @@ def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
 
     row = txn.get(contact)
     if row is None or not row.in_roster:
-        _check_room_for_an_item(txn, rules)
+        if why := _full(txn, rules, request=False):
+            raise errors.not_allowed(why)
         row = row or RosterRow(contact, in_roster=False)
     updated = row.evolve(name=name, groups=tuple(groups), in_roster=True)
     if updated == row:
@@ -234,16 +235,29 @@ def _check_text(text: str, what: str) -> None:
         raise errors.bad_request(f"{what} contains the control character U+{ord(found[0]):04X}")
 
 
-def _check_room_for_an_item(txn: RosterTxn, rules: Rules) -> None:
-    """Strangers' requests are not items: they never take room from the user's own roster."""
-    if txn.count() >= rules.limits.max_items:
-        raise errors.not_allowed(f"the roster is full ({rules.limits.max_items} items)")
+def _full(txn: RosterTxn, rules: Rules, *, request: bool) -> str | None:
+    """Why one more roster item (or, `request`, stranger's request) is over its limit, or None.
+
+    Each has its own bound: anyone on any server can mint JIDs to send requests from, and
+    they must never take room from the user's own roster.
+    """
+    if request:
+        if txn.count_requests() >= rules.limits.max_pending_requests:
+            return f"{rules.limits.max_pending_requests} strangers' requests pending already"
+    elif txn.count() >= rules.limits.max_items:
+        return f"the roster is full ({rules.limits.max_items} items)"
+    return None
 
 
-def _check_limits(limits: Limits, name: str, groups: list[str] | tuple[str, ...]) -> None:
+def _check_limits(limits: Limits, name: str, groups: list[str] | tuple[str, ...],
+                  request_text: str = "") -> None:
     if len(name) > limits.max_name_length:
         raise errors.not_acceptable(f"name is longer than {limits.max_name_length} characters")
     _check_text(name, "name")
+    if len(request_text) > limits.max_status_length:
+        raise errors.not_acceptable(
+            f"a request text is longer than {limits.max_status_length} characters")
+    _check_text(request_text, "request text")
     if len(set(groups)) != len(groups):
         raise errors.bad_request("an item may not list the same group twice")
     if len(groups) > limits.max_groups:
@@ -326,16 +340,10 @@ def subscription(
         event.direction is Direction.OUT
         and (new.subscription != "none" or new.pending_out or new.approved)
     )
-    if in_roster and not row.in_roster:
-        if txn.count() >= rules.limits.max_items:
-            log.warning("%s: roster full (%d items); %s with %s not applied",
-                        txn.user, rules.limits.max_items, event, contact)
-            return Outcome({answer_key: False})
-    elif stored is None and new != SubState():
-        # A stranger's new request. Anyone can mint JIDs to send them from: bounded apart.
-        if txn.count_requests() >= rules.limits.max_pending_requests:
-            log.warning("%s: %d strangers' requests pending already; %s from %s dropped",
-                        txn.user, rules.limits.max_pending_requests, event, contact)
+    becomes_an_item = in_roster and not row.in_roster
+    if becomes_an_item or (stored is None and new != SubState()):  # a new item, or request
+        if why := _full(txn, rules, request=not becomes_an_item):
+            log.warning("%s: %s; %s with %s not applied", txn.user, why, event, contact)
             return Outcome({answer_key: False})
     if not new.pending_in:
         request_text = ""
@@ -460,19 +468,12 @@ def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outc
         raise errors.bad_request("item must be a map")
     old = txn.get(contact_jid(record.get("jid")))
     row = row_from_record(record, old)
-    _check_limits(rules.limits, row.name, row.groups)
-    if len(row.request_text) > rules.limits.max_status_length:
-        raise errors.not_acceptable(
-            f"askmessage is longer than {rules.limits.max_status_length} characters")
-    _check_text(row.request_text, "askmessage")
+    _check_limits(rules.limits, row.name, row.groups, row.request_text)
     if row.contact == txn.user:
         raise errors.not_allowed("a user's own JID cannot be a roster item")
-    if row.in_roster and not (old and old.in_roster):
-        _check_room_for_an_item(txn, rules)
-    elif old is None and not row.in_roster:
-        if txn.count_requests() >= rules.limits.max_pending_requests:
-            raise errors.not_allowed(
-                f"{rules.limits.max_pending_requests} strangers' requests pending already")
+    if (row.in_roster and not (old and old.in_roster)) or old is None:  # a new item, or request
+        if why := _full(txn, rules, request=not row.in_roster):
+            raise errors.not_allowed(why)
     if old == row:
         return Outcome({"ver": _version(txn, rules)})
     stored = txn.put(row) or row
