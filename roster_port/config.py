@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 
+MAX_GROUPS = 1024  # = messages.MAX_CONTAINER_LEN, the longest array a request may hold
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file and the key."""
 
@@ -119,10 +122,14 @@ def parse_config(data: dict[str, Any], *, source: str = "<string>", base_dir: Pa
         raise ConfigError(f"{source}: [log].level must be debug, info, warning or error")
     if log.file and base_dir is not None:
         log = LogConfig(level=log.level, file=str((base_dir / log.file).resolve()))
+    limits = _section(Limits, data.get("limits", {}), f"{source}: [limits]")
+    if limits.max_groups > MAX_GROUPS:
+        # A request's arrays are bounded at decoding (messages.py) before the op is known.
+        raise ConfigError(f"{source}: [limits].max_groups must be at most {MAX_GROUPS}")
     return Config(
         store=store,
         roster=_section(RosterPolicy, data.get("roster", {}), f"{source}: [roster]"),
-        limits=_section(Limits, data.get("limits", {}), f"{source}: [limits]"),
+        limits=limits,
         log=log,
         source=source,
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from .config import MAX_GROUPS
 from .errors import ProtocolError
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
@@ -53,7 +54,7 @@ def _text_of_bins(value: Any) -> Any:
 # MAX_CONTAINERS containers of at most MAX_CONTAINER_LEN entries each, refused as soon as
 # decoding passes either bound. Deep nesting is bounded with them (it takes a container a level).
 MAX_CONTAINERS = 64
-MAX_CONTAINER_LEN = 1024
+MAX_CONTAINER_LEN = MAX_GROUPS  # the longest array a request needs: an item's groups
 MAX_OP_LENGTH = 64
 
 

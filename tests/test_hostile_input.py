@@ -332,3 +332,12 @@ def test_answers_held_for_one_write_are_bounded_whatever_one_read_asks_for(tmp_p
         assert os.fstat(fd).st_size == 10 * (len(answer) + 4)
     finally:
         os.close(fd)
+
+
+def test_more_groups_than_a_request_may_carry_is_refused_at_start():
+    from roster_port.config import ConfigError, parse_config
+    from roster_port.messages import MAX_CONTAINER_LEN
+
+    assert parse_config({"limits": {"max_groups": MAX_CONTAINER_LEN}}).limits.max_groups == MAX_CONTAINER_LEN
+    with pytest.raises(ConfigError, match="max_groups must be at most"):
+        parse_config({"limits": {"max_groups": MAX_CONTAINER_LEN + 1}})
