@@ -4,8 +4,10 @@ ejabberd's shim writes request frames to our stdin and reads response frames fro
 Before anything else, `serve()` moves the protocol channel to a private file descriptor and
 points fd 1 at stderr, so a stray print() from any library can never corrupt a frame.
 
-Requests are served in the order they arrive; all responses completed by one read are written
-with one write, so a pipelined burst costs one system call each way. EOF on stdin: the requests
+Requests are served in the order they arrive; the responses one read completes are written
+with one write (or one per FLUSH_BYTES of them), so a pipelined burst costs one system call each
+way. No exception a frame or the feed can cause leaves the loop, and answers already made are
+written whatever ends it. EOF on stdin: the requests
 already read are answered, the store is closed, and the program exits 0.
 
 When the shim's hello asks for it (`change_feed`), the loop also watches the store's change
