@@ -90,20 +90,6 @@ _UCD = unicodedata.ucd_3_2_0
 # Characters that RFC 6122 Nodeprep forbids in a localpart on top of the common tables.
 _NODEPREP_EXTRA_PROHIBITED = frozenset("\"&'/:<>@")
 
-_NODEPREP_PROHIBITED_TABLES = (
-    stringprep.in_table_c11,
-    stringprep.in_table_c12,
-    stringprep.in_table_c21,
-    stringprep.in_table_c22,
-    stringprep.in_table_c3,
-    stringprep.in_table_c4,
-    stringprep.in_table_c5,
-    stringprep.in_table_c6,
-    stringprep.in_table_c7,
-    stringprep.in_table_c8,
-    stringprep.in_table_c9,
-)
-
 # RFC 3491 section 5: Nameprep does not prohibit ASCII (C.1.1, C.2.1); _DOMAIN_ASCII does.
 _NAMEPREP_PROHIBITED_TABLES = (
     stringprep.in_table_c12,
@@ -115,6 +101,12 @@ _NAMEPREP_PROHIBITED_TABLES = (
     stringprep.in_table_c7,
     stringprep.in_table_c8,
     stringprep.in_table_c9,
+)
+# RFC 6122 Nodeprep prohibits those and ASCII space and controls too.
+_NODEPREP_PROHIBITED_TABLES = (
+    stringprep.in_table_c11,
+    stringprep.in_table_c21,
+    *_NAMEPREP_PROHIBITED_TABLES,
 )
 
 # The ASCII a prepared domainpart may hold (upper case is mapped away before this check).

@@ -25,6 +25,7 @@ from roster_port.messages import decode_message, encode_request
 from roster_port.roster import Rules
 from roster_port.store.sqlite import SQLiteStore
 from test_dispatcher import ALICE, BOB, CAROL, Session, session_with
+from test_store_sqlite import outside_sql
 
 @pytest.fixture
 def db_path(tmp_path):
@@ -36,16 +37,6 @@ def store(db_path):
     store = SQLiteStore(db_path)
     yield store
     store.close()
-
-
-def outside_sql(db_path: str, sql: str, parameters: tuple = ()) -> None:
-    """A statement of another application writing the same file."""
-    connection = sqlite3.connect(db_path)
-    try:
-        with connection:
-            connection.execute(sql, parameters)
-    finally:
-        connection.close()
 
 
 def nested_arrays(depth: int) -> bytes:
