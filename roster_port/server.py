@@ -119,8 +119,9 @@ def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
         return []
 
 
-class Terminated(Exception):
-    pass
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler wherever the loop is. A BaseException, so that no
+    handler that contains a request's or a frame's failure can swallow it."""
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -332,3 +332,22 @@ def test_more_groups_than_a_request_may_carry_is_refused_at_start():
     assert parse_config({"limits": {"max_groups": MAX_CONTAINER_LEN}}).limits.max_groups == MAX_CONTAINER_LEN
     with pytest.raises(ConfigError, match="max_groups must be at most"):
         parse_config({"limits": {"max_groups": MAX_CONTAINER_LEN + 1}})
+
+
+def test_a_sigterm_during_a_request_is_not_contained_like_a_failure(store, monkeypatch):
+    # Found on the way: the handlers that contain a request's failure swallowed it, and the
+    # program went on serving after a TERM. A real signal, raised inside a request.
+    import signal
+
+    from roster_port import roster
+    from roster_port.server import Terminated, _terminate
+
+    session = Session(store, Rules())
+    monkeypatch.setattr(roster, "roster_get", lambda txn, rules: signal.raise_signal(signal.SIGTERM))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with pytest.raises(Terminated):
+            session.dispatcher.handle(Frame(encode_request(5, "roster_get", {"user": ALICE})))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert session.ok("ping", {}) == {"effects": []}  # the store's transaction was rolled back
