@@ -227,6 +227,8 @@ class Dispatcher:
             try:
                 with self.store.snapshot(user) as txn:
                     effects = roster.outside_changes(txn, self.rules, user_changes)
+                params = {"user": user, "effects": [effect.to_wire() for effect in effects]}
+                payload = encode_notification("roster_changed", params)
             except StoreError as exc:
                 log.error("changes to %s made outside XMPP not pushed: %s", user, exc)
                 continue
@@ -234,8 +236,7 @@ class Dispatcher:
                 log.exception("changes to %r made outside XMPP not pushed", user)
                 continue
             log.info("%s: %d rows changed outside XMPP", user, len(user_changes))
-            params = {"user": user, "effects": [effect.to_wire() for effect in effects]}
-            payloads.append(encode_notification("roster_changed", params))
+            payloads.append(payload)
         return payloads
 
     def close(self) -> None:

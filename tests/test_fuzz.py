@@ -194,7 +194,11 @@ json_texts = st.one_of(
         lambda value: __import__("json").dumps(value, default=repr)),
     st.integers(1, 3000).map(lambda depth: "[" * depth + "]" * depth),
     st.lists(st.text(max_size=20), max_size=5).map(lambda value: __import__("json").dumps(value)),
+    st.sampled_from(['["a", "\\ud800"]', '["\\udfff"]', '["\\ud83d\\ude00"]']),  # lone surrogates
 )
+# Bytes that are no UTF-8, made text by a CAST, for one column of the first row.
+undecodable = st.one_of(st.none(), st.tuples(st.sampled_from(["user", "contact", "name", "request_text"]),
+                                             st.binary(min_size=1, max_size=8)))
 
 
 @FUZZ
@@ -202,8 +206,8 @@ json_texts = st.one_of(
     st.sampled_from(USERS) | sqlite_values, jids | sqlite_values, sqlite_values,
     st.sampled_from(["none", "to", "from", "both"]), st.sampled_from([0, 1]), st.sampled_from([0, 1]),
     st.sampled_from([0, 1]), st.sampled_from([0, 1]), json_texts | sqlite_values, sqlite_values,
-), min_size=1, max_size=5))
-def test_any_rows_another_application_stores_are_read_by_every_op_and_the_feed(program, rows):
+), min_size=1, max_size=5), cast=undecodable)
+def test_any_rows_another_application_stores_are_read_by_every_op_and_the_feed(program, rows, cast):
     dispatcher, path = program
     feed = dispatcher.store.open_change_feed()
     connection = sqlite3.connect(path)
@@ -217,6 +221,14 @@ def test_any_rows_another_application_stores_are_read_by_every_op_and_the_feed(p
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             except sqlite3.Error:
                 pass  # refused by the schema's CHECKs or NOT NULLs: never stored
+        if cast is not None:
+            column, raw = cast
+            try:
+                with connection:
+                    connection.execute(f"UPDATE roster_items SET {column} = CAST(? AS TEXT) "
+                                       "WHERE user = ? AND contact = ?", (raw, rows[0][0], rows[0][1]))
+            except sqlite3.Error:
+                pass
         reads_back(dispatcher)
         for user in USERS:
             for contact in {row[1] for row in rows if isinstance(row[1], str)}:

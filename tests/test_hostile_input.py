@@ -156,7 +156,9 @@ def test_a_7_mib_subscription_request_text_is_cut_to_the_limit(store):
 
 
 def test_reading_rows_with_long_group_lists_keeps_no_copy_of_them(store, db_path):
-    groups = [json.dumps([f"{index}-{'g' * 1000}" for _ in range(1)] + [f"h{n}" for n in range(100)])
+    # Longer than any group list the caches keep (sqlite.GROUPS_CACHE_LONG): the issue saw
+    # 0.5 MB ones kept for good.
+    groups = [json.dumps([f"{index}-{'g' * 3000}"] + [f"h{n}" for n in range(100)])
               for index in range(40)]
     connection = sqlite3.connect(db_path)
     with connection:
@@ -351,3 +353,33 @@ def test_a_sigterm_during_a_request_is_not_contained_like_a_failure(store, monke
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert session.ok("ping", {}) == {"effects": []}  # the store's transaction was rolled back
+
+
+# --- Found in review: text that no encoder can write, stored by another application ---------
+
+
+def test_a_lone_surrogate_escape_in_groups_and_text_that_is_not_utf8_are_read_past(store, db_path, caplog):
+    session = Session(store, Rules())
+    feed = store.open_change_feed()
+    try:
+        session.set(ALICE, {"jid": BOB, "name": "Bob", "groups": ["Friends"]})
+        # json_valid takes a lone surrogate escape; a CAST makes text of bytes that are no UTF-8.
+        outside_sql(db_path, "UPDATE roster_items SET groups = ? WHERE user = ? AND contact = ?",
+                    ('["Friends", "\\ud800"]', ALICE, BOB))
+        outside_sql(db_path, "INSERT INTO roster_items (user, contact, name) "
+                             "VALUES (?, ?, CAST(x'ff41' AS TEXT))", (ALICE, CAROL))
+        items = {item["jid"]: item for item in session.get(ALICE)["items"]}
+        assert items[BOB]["groups"] == ["Friends"]
+        assert items[CAROL]["name"] == "\ufffdA"
+        outside_sql(db_path, "INSERT INTO roster_items (user, contact) VALUES (CAST(x'ff41' AS TEXT), ?)",
+                    (CAROL,))
+        changes = feed.read()
+        assert {change.user for change in changes} == {ALICE, "\ufffdA"}
+        notifications = session.dispatcher.notifications(changes)  # this host's users only
+        assert [decode_message(n)[2]["user"] for n in notifications] == [ALICE]
+        # A later change is still reported: the feed did not stop at the undecodable entry.
+        outside_sql(db_path, "DELETE FROM roster_items WHERE user = ? AND contact = ?", (ALICE, CAROL))
+        assert [change.contact for change in feed.read()] == [CAROL]
+    finally:
+        feed.close()
+    assert "holds text that is not UTF-8" in caplog.text

@@ -107,37 +107,67 @@ _SELECT_COLUMNS = (
 
 
 # Group lists are cached parsed: a site has few distinct ones, and parsing JSON is most of
-# reading a row. Only short texts are cached, so the cache holds at most
-# GROUPS_CACHE_SIZE * GROUPS_CACHE_TEXT characters whatever the rows hold.
-GROUPS_CACHE_SIZE = 4096
-GROUPS_CACHE_TEXT = 256
+# reading a row. Two caches, bounded by what their keys may hold whatever the rows hold: short
+# lists (most) in many entries, longer ones in fewer; longer still are parsed at each read.
+# At 4 bytes a character (the costliest text), key and value: under 10 MB and 5 MB.
+GROUPS_CACHE_SHORT = (4096, 256)  # (entries, characters of the JSON text)
+GROUPS_CACHE_LONG = (256, 2048)
 
 
-@functools.lru_cache(maxsize=GROUPS_CACHE_SIZE)
-def _cached_groups(text: str) -> tuple[str, ...] | None:
-    """The groups of a short JSON text, or None when it is not a JSON list of texts."""
+def _parse_groups(text: str) -> tuple[str, ...] | None:
+    """The groups of a JSON text, or None when it is not a JSON list of texts UTF-8 can hold."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
         return None
-    if type(value) is list and all(type(group) is str for group in value):
-        return tuple(value)
-    return None
+    if type(value) is not list or not all(type(group) is str for group in value):
+        return None
+    if "\\u" in text and not all(_is_utf8(group) for group in value):
+        return None  # a lone surrogate escape: json_valid takes it, no encoder does
+    return tuple(value)
+
+
+_short_groups = functools.lru_cache(maxsize=GROUPS_CACHE_SHORT[0])(_parse_groups)
+_long_groups = functools.lru_cache(maxsize=GROUPS_CACHE_LONG[0])(_parse_groups)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _groups_from_json(value: object, user: str, contact: object) -> tuple[str, ...]:
-    if type(value) is str and len(value) <= GROUPS_CACHE_TEXT:
-        groups = _cached_groups(value)
+    if type(value) is str:
+        if len(value) <= GROUPS_CACHE_SHORT[1]:
+            groups = _short_groups(value)
+        elif len(value) <= GROUPS_CACHE_LONG[1]:
+            groups = _long_groups(value)
+        else:
+            groups = _parse_groups(value)
         if groups is not None:
             return groups
-    # Long, or not a list of texts: the CHECK lets any JSON array through, and a blob past it.
+    # Not a list of texts: the CHECK lets any JSON array through, and a blob past it.
     try:
         parsed = json.loads(value) if isinstance(value, (str, bytes)) else value
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json reads
+    except (ValueError, RecursionError) as exc:
         log.warning("%s: stored row of %r: groups are not readable JSON (%s); read as ()",
                     user, contact, type(exc).__name__)
         return ()
+    if isinstance(parsed, list):
+        parsed = [group for group in parsed if type(group) is not str or _is_utf8(group)]
     return stored_groups(parsed, user, contact)
+
+
+def _is_decoding_error(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(
+        "Could not decode to UTF-8")
+
+
+def _lenient_text(value: bytes) -> str:
+    return value.decode("utf-8", errors="replace")
 
 
 def _row_from_record(record: tuple, user: str) -> RosterRow:
@@ -194,19 +224,36 @@ class _SQLiteTxn(RosterTxn):
                 (self._store.origin, self._own_changes_after, self.user),
             )
 
+    def _records(self, sql: str, parameters: tuple) -> list[tuple]:
+        """All records of a read of rows, whatever bytes other applications stored as text."""
+        try:
+            with self._store._translated_errors(ignore=_is_decoding_error):
+                return self._execute(sql, parameters).fetchall()
+        except sqlite3.OperationalError:
+            pass
+        # A TEXT value that is not UTF-8 (a CAST of a blob, say): read it with U+FFFD for
+        # what cannot be decoded, rather than not at all.
+        log.warning("%s: a stored row holds text that is not UTF-8; read with U+FFFD in it",
+                    self.user)
+        self._connection.text_factory = _lenient_text
+        try:
+            return self._execute(sql, parameters).fetchall()
+        finally:
+            self._connection.text_factory = str
+
     def rows(self) -> list[RosterRow]:
-        cursor = self._execute(
+        records = self._records(
             f"SELECT {_SELECT_COLUMNS} FROM roster_items WHERE user = ? ORDER BY contact",
             (self.user,),
         )
-        return [_row_from_record(record, self.user) for record in cursor]
+        return [_row_from_record(record, self.user) for record in records]
 
     def get(self, contact: str) -> RosterRow | None:
-        record = self._execute(
+        records = self._records(
             f"SELECT {_SELECT_COLUMNS} FROM roster_items WHERE user = ? AND contact = ?",
             (self.user, contact),
-        ).fetchone()
-        return None if record is None else _row_from_record(record, self.user)
+        )
+        return _row_from_record(records[0], self.user) if records else None
 
     def put(self, row: RosterRow) -> None:
         self._check_writable("put")
@@ -374,13 +421,18 @@ class SQLiteStore(RosterStore):
             self._disconnect()
 
     @contextlib.contextmanager
-    def _translated_errors(self) -> Iterator[None]:
-        """Turn sqlite3 errors into StoreUnavailable / StoreError (keeping the cause)."""
+    def _translated_errors(self, ignore=lambda exc: False) -> Iterator[None]:
+        """Turn sqlite3 errors into StoreUnavailable / StoreError (keeping the cause), but
+        those `ignore` says, which pass through as they are."""
         try:
             yield
         except sqlite3.Error as exc:
+            if ignore(exc):
+                raise
             code = _primary_code(exc)
-            detail = f"{self.path}: {getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}"
+            # Bounded: some messages quote a whole stored value.
+            detail = (f"{self.path}: {getattr(exc, 'sqlite_errorname', type(exc).__name__)}: "
+                      f"{str(exc)[:200]}")
             if code in _UNAVAILABLE_CODES:
                 if code in _RECONNECT_CODES:
                     self._disconnect()
@@ -554,6 +606,8 @@ class SQLiteChangeFeed(ChangeFeed):
             f"{Path(path).as_uri()}?mode=rw", uri=True, timeout=busy_timeout_ms / 1000,
             isolation_level=None, check_same_thread=False,
         )
+        # Another application may store any bytes as text; the feed must read past them.
+        self._connection.text_factory = _lenient_text
         self._after = self._connection.execute(
             "SELECT coalesce(max(id), 0) FROM roster_changes"
         ).fetchone()[0]
