@@ -157,6 +157,8 @@ class Dispatcher:
         self.greeted = False
         self.host: str | None = None  # the virtual host the shim serves, from its hello
         self.feed: ChangeFeed | None = None  # opened when the shim's hello asks for changes
+        # The largest frame the shim reads (from its hello): no answer may be longer.
+        self.max_response_bytes: int | None = None
 
     def handle(self, event: FrameEvent) -> bytes | None:
         """The response payload for one framing event, or None when there is none to send."""
@@ -177,8 +179,19 @@ class Dispatcher:
         except RequestError as exc:
             return self._refuse(exc.request_id, exc.error, event.payload)
         try:
-            return encode_response(request.id, self._serve(request))
-        except (ProtocolError, StanzaError) as exc:
+            response = encode_response(request.id, self._serve(request))
+            if self.max_response_bytes is not None and len(response) > self.max_response_bytes:
+                # The shim would take a longer frame for garbage and restart us: refuse.
+                raise ProtocolError(
+                    "response_too_large",
+                    f"the answer is {len(response)} bytes, over the shim's max_frame_bytes "
+                    f"({self.max_response_bytes}); raise it, or lower [limits]")
+            return response
+        except ProtocolError as exc:
+            log.log(logging.ERROR if exc.code == "response_too_large" else logging.DEBUG,
+                    "request %d (%s) refused: %s", request.id, request.op, exc.message)
+            return encode_error(request.id, exc.to_wire())
+        except StanzaError as exc:
             log.debug("request %d (%s) refused: %s", request.id, request.op, exc)
             return encode_error(request.id, exc.to_wire())
         except StoreUnavailable as exc:
@@ -235,6 +248,10 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - one user's rows must not stop the feed
                 log.exception("changes to %r made outside XMPP not pushed", user)
                 continue
+            if self.max_response_bytes is not None and len(payload) > self.max_response_bytes:
+                log.error("changes to %s made outside XMPP not pushed: a notification of %d "
+                          "bytes, over the shim's max_frame_bytes", user, len(payload))
+                continue
             log.info("%s: %d rows changed outside XMPP", user, len(user_changes))
             payloads.append(payload)
         return payloads
@@ -259,15 +276,17 @@ class Dispatcher:
         offered = args.get("protocols")
         if not isinstance(offered, list):
             raise ProtocolError("bad_request", "hello needs 'protocols', a list of versions")
-        common = [version for version in offered if version in PROTOCOL_VERSIONS]
+        common = [version for version in offered
+                  if type(version) is int and version in PROTOCOL_VERSIONS]
         if not common:
             raise ProtocolError(
                 "unsupported_protocol",
                 f"this program speaks protocol versions {list(PROTOCOL_VERSIONS)}, "
-                f"the shim offered {offered}",
+                f"the shim offered {offered[:8]}",
             )
-        self.greeted = True
         self.host = args["host"] if isinstance(args.get("host"), str) else None
+        limit = args.get("max_frame_bytes")
+        self.max_response_bytes = limit if type(limit) is int and limit > 0 else None
         if isinstance(args.get("node"), str) and args["node"]:
             self.store.origin = args["node"]
         if args.get("change_feed") and self.feed is None:
@@ -276,6 +295,7 @@ class Dispatcher:
             self.feed = self.store.open_change_feed()
             if self.feed is None:
                 log.warning("the shim asked for outside changes; %s has none", self.store.describe())
+        self.greeted = True  # only now: a feed that failed to open fails the hello
         log.info("hello from shim %s for %s: protocol %d", args.get("shim"), args.get("host"), max(common))
         policy = self.rules.policy
         return {

@@ -383,3 +383,24 @@ def test_a_lone_surrogate_escape_in_groups_and_text_that_is_not_utf8_are_read_pa
     finally:
         feed.close()
     assert "holds text that is not UTF-8" in caplog.text
+
+
+# --- Found in review: answers the shim could not read, hellos of the wrong types ------------
+
+
+def test_an_answer_over_the_shims_frame_limit_is_refused_not_sent(store):
+    # The shim reads a frame over its max_frame_bytes as garbage and restarts the program.
+    session = Session(store, Rules(), greet=False)
+    session.ok("hello", {"protocols": [1], "host": "example.com", "max_frame_bytes": 2048})
+    for index in range(40):
+        session.set(ALICE, {"jid": f"friend{index}@example.com", "name": "x" * 40})
+    error = session.error("roster_get", {"user": ALICE})
+    assert error["code"] == "response_too_large" and "max_frame_bytes (2048)" in error["message"]
+    assert session.ok("roster_get", {"user": BOB}) == {"items": [], "effects": []}
+
+
+@pytest.mark.parametrize("offered", [[True], [1.0], ["1"]])
+def test_a_hello_offering_no_integer_version_is_refused(store, offered):
+    session = Session(store, Rules(), greet=False)
+    assert session.error("hello", {"protocols": offered})["code"] == "unsupported_protocol"
+    assert session.error("ping", {})["code"] == "bad_request"  # not greeted
