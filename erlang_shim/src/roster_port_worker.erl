@@ -7,7 +7,10 @@
 %%% watched:
 %%%   - it exits: logged with its exit status, every caller in flight gets
 %%%     {error, unavailable}, and it is started again after a backoff that
-%%%     doubles from 100 ms up to max_backoff while it keeps failing;
+%%%     doubles from 100 ms up to max_backoff while it keeps failing. When a
+%%%     request is written between its death and the VM's notice of it, the
+%%%     write fails (epipe), the VM closes the port and the exit status is
+%%%     lost (ERTS reports none after a port's exit): logged as such;
 %%%   - it hangs: a ping goes out every ping_interval; no answer to a ping
 %%%     (or to hello) within call_timeout, or a run of MAX_TIMEOUTS requests
 %%%     without answer, and the program is killed and restarted the same way;
@@ -259,9 +262,12 @@ open_program(Exe, Args) ->
 %% From here on the program is in the state: any failure goes through
 %% program_down/2, which closes its port and kills it.
 say_hello(State) ->
+    %% max_frame_bytes: the program never answers with a longer frame (we would
+    %% take it for garbage and restart the program), it answers an error instead.
     Hello = #{<<"protocols">> => ?PROTOCOLS, <<"shim">> => ?SHIM_VERSION,
               <<"host">> => State#state.host, <<"node">> => State#state.node,
-              <<"change_feed">> => State#state.feed},
+              <<"change_feed">> => State#state.feed,
+              <<"max_frame_bytes">> => State#state.max_frame_bytes},
     case send_request(hello, <<"hello">>, Hello, now_ms() + State#state.call_timeout,
                       State) of
         {ok, State1} ->
@@ -344,6 +350,16 @@ log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid,
                        "~B bytes, over max_frame_bytes (~B); first bytes: ~ts; killed it, "
                        "restarting it in ~B ms",
                        [Host, I, OsPid, Length, MaxFrame, hex_head(Head), Backoff]);
+        {port_exit, epipe} ->
+            %% A request was written after the program had closed its stdin,
+            %% which it does by exiting: the VM closes the port on the failed
+            %% write and drops the exit status it would have reported (no
+            %% {exit_status, _} follows a port's exit). Said as such, so that
+            %% an operator does not look for a status.
+            ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) exited or closed its "
+                       "stdin: a request written to it failed (epipe), and then the VM "
+                       "reports no exit status (see the program's own log); killed it, "
+                       "restarting it in ~B ms", [Host, I, OsPid, Backoff]);
         {cannot_start, Exe, Reason} ->
             ?LOG_ERROR("roster-port ~ts/~B: cannot start ~ts: ~p; trying again "
                        "in ~B ms", [Host, I, Exe, Reason, Backoff]);

@@ -15,6 +15,9 @@ msgpack value; [0, id, op, args] in, [1, id, error, result] and
                        requests overtake it
   die {"status"}       exits at once with that status
   hang                 stops answering anything (pings included)
+  close_stdin          closes its stdin, then answers, and runs on reading
+                       nothing: the shim's next write fails with epipe, as
+                       when it writes to a program that has just died
   notify {"user"}      sends a roster_changed notification, then answers
   garbage {"bytes"}    writes these bytes (a msgpack bin) to stdout as they
                        are, as a stray print or a corrupt writer would, and
@@ -90,6 +93,10 @@ def serve(msgid, op, a):
         os._exit(a.get("status", 3))
     elif op == "hang":
         hanging.set()
+    elif op == "close_stdin":
+        os.close(0)
+        answer(msgid, {"effects": []})
+        threading.Event().wait()
     elif op == "garbage":
         with out_lock:
             sys.stdout.buffer.write(a["bytes"])

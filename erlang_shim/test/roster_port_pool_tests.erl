@@ -3,7 +3,7 @@
 %%% or $ROSTER_PORT_PYTHON). Nothing of the port or the program is mocked.
 -module(roster_port_pool_tests).
 -include_lib("eunit/include/eunit.hrl").
--export([handle_event/2]).
+-export([handle_event/2, log/2]).
 
 -define(HOST, <<"pool.test">>).
 -define(TIMEOUT, 400).
@@ -101,6 +101,8 @@ pool_test_() ->
       {"a dead program is restarted; calls are unavailable at once meanwhile",
        fun restart_after_death/0},
       {"a hung program is killed and restarted", fun hung_program/0},
+      {"a write that fails with epipe (no exit status follows): logged as such, "
+       "the program killed and restarted", fun closed_stdin/0},
       {"kept requests are replayed when the program is back", fun replay/0},
       {"notifications reach the handler", fun notification/0},
       {"program errors come back as errors", fun program_error/0},
@@ -173,6 +175,65 @@ hung_program() ->
                     end, 5000),
     ?assertNot(filelib:is_dir("/proc/" ++ integer_to_list(Pid1))),
     ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+%% The program closes its stdin and runs on: the next write to it (the
+%% echo, or a ping before it) fails with epipe, the VM closes the port, and
+%% no exit status ever comes, which is what happens when the shim writes to
+%% a program that has just died.
+closed_stdin() ->
+    #{os_pid := Pid1} = worker_status(<<"a@x">>),
+    Logged = capture_log(
+               fun() ->
+                       ?assertMatch({ok, _}, call(<<"a@x">>, <<"close_stdin">>, #{})),
+                       ?assertEqual({error, unavailable}, call(<<"a@x">>, <<"echo">>, #{})),
+                       ok = wait_until(fun() -> maps:get(os_pid, worker_status(<<"a@x">>)) /= Pid1
+                                                    andalso all_up()
+                                       end, 5000)
+               end),
+    Pid1Text = "program (os pid " ++ integer_to_list(Pid1) ++ ") exited or closed its stdin: "
+        "a request written to it failed (epipe)",
+    ?assertMatch([_], [L || L <- Logged, string:find(L, Pid1Text) /= nomatch]),
+    %% Killed, not left running without its stdin.
+    ?assertEqual(false, wait_for(fun() -> filelib:is_dir("/proc/" ++ integer_to_list(Pid1)
+                                                         ++ "/fd") end, false, 2000)),
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+%% The lines roster_port_worker logged while Fun ran. `make eunit` runs with
+%% the primary log level at none: the module's level is raised for that time,
+%% and the default handler kept quiet.
+capture_log(Fun) ->
+    Self = self(),
+    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{pid => Self}}),
+    Default = logger:get_handler_config(default),
+    _ = logger:set_handler_config(default, level, none),
+    ok = logger:set_module_level(roster_port_worker, all),
+    try
+        Fun(),
+        %% Logged by the worker, synchronously: what it logged before answering
+        %% Fun's last status call is in the mailbox already (one sender, in order).
+        collect_log([])
+    after
+        _ = logger:unset_module_level(roster_port_worker),
+        case Default of
+            {ok, #{level := Level}} -> logger:set_handler_config(default, level, Level);
+            _ -> ok
+        end,
+        logger:remove_handler(?MODULE)
+    end.
+
+collect_log(Acc) ->
+    receive {log, Line} -> collect_log([Line | Acc])
+    after 0 -> lists:reverse(Acc)
+    end.
+
+%% The logger handler of capture_log/1.
+log(#{msg := Msg}, #{config := #{pid := Pid}}) ->
+    Line = case Msg of
+               {report, Report} -> io_lib:format("~p", [Report]);
+               {string, String} -> String;
+               {Format, Args} -> io_lib:format(Format, Args)
+           end,
+    Pid ! {log, unicode:characters_to_list(Line)}.
 
 replay() ->
     listen(),

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -311,6 +312,86 @@ modules:
         with sqlite3.connect(self.store_path, timeout=10) as db:
             db.execute(sql, params)
         db.close()
+
+    def store_execute_reported(self, sql: str, params: tuple = (),
+                               timeout: float = 15.0) -> None:
+        """store_execute, then waits until the change feed has reported the change to the
+        shim: for each of this host's users the statement changed, the program has logged
+        "<user>: N rows changed outside XMPP" for every change-log entry it made, and (with
+        a transcript) the shim has read the roster_changed notifications. Until then the
+        change is in flight: a client logging in may get its push after her login (correct
+        behaviour, but not what a test that seeds rows then logs in is about), and the
+        shim's read cache may still answer what it read before.
+
+        Every write behind ejabberd's back that a test does not mean to race should use
+        this; store_execute is for the tests of the feed itself."""
+        offset = self.program_log_path.stat().st_size if self.program_log_path.exists() else 0
+        notified_before = self._notifications()
+        with sqlite3.connect(self.store_path, timeout=10, isolation_level=None) as db:
+            db.execute("BEGIN IMMEDIATE")
+            (last,) = db.execute("SELECT coalesce(max(id), 0) FROM roster_changes").fetchone()
+            db.execute(sql, params)
+            # The entries this statement made (the program stamps its own with its node).
+            made = dict(db.execute(
+                "SELECT user, count(*) FROM roster_changes WHERE id > ? AND origin IS NULL "
+                "GROUP BY user", (last,)).fetchall())
+            db.execute("COMMIT")
+        db.close()
+        # The feed of this server reports the users of its host only.
+        made = {user: n for user, n in made.items() if user.endswith("@" + self.host)}
+        deadline = time.monotonic() + timeout
+        while True:
+            reported = self._reported_outside_changes(offset)
+            notified = self._notifications()
+            if all(sum(reported.get(user, [])) >= n
+                   and (not self.transcript
+                        or notified.get(user, 0) - notified_before.get(user, 0)
+                        >= len(reported[user]))
+                   for user, n in made.items()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the change feed did not report {made} within {timeout} s "
+                    f"(program log: {reported}; notifications read by the shim: "
+                    f"{ {u: notified.get(u, 0) - notified_before.get(u, 0) for u in made} })")
+            time.sleep(0.05)
+
+    def _reported_outside_changes(self, offset: int) -> dict[str, list[int]]:
+        """{user: [N of each "<user>: N rows changed outside XMPP" line]} of the program log
+        after byte `offset` (whole lines only: the programs append as they go)."""
+        try:
+            with open(self.program_log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return {}
+        reported: dict[str, list[int]] = {}
+        for line in text.splitlines(keepends=True):
+            found = re.search(r" (\S+): (\d+) rows changed outside XMPP\n$", line)
+            if found:
+                reported.setdefault(found[1], []).append(int(found[2]))
+        return reported
+
+    def _notifications(self) -> dict[str, int]:
+        """{user: roster_changed notifications the shim has read}, from the transcript (the
+        worker records a frame as it reads it; the newest record may be half written)."""
+        import msgpack  # the program's dependency; only the tests need it here
+
+        counts: dict[str, int] = {}
+        if not self.transcript:
+            return counts
+        try:
+            data = self.transcript_path.read_bytes()
+        except FileNotFoundError:
+            return counts
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(data)
+        for direction, _worker, _ts, message in unpacker:
+            if (direction == "out" and message and message[0] == 2
+                    and message[1] == "roster_changed" and isinstance(message[2], dict)):
+                user = message[2].get("user")
+                counts[user] = counts.get(user, 0) + 1
+        return counts
 
     def store_query(self, sql: str, params: tuple = ()) -> list[tuple]:
         db = sqlite3.connect(self.store_path, timeout=10)
