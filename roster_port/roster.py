@@ -228,6 +228,8 @@ def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
 # them), and the two noncharacters XML 1.0 forbids. A client could not show them, and
 # ejabberd's XML encoder would refuse most of them in a roster result.
 _FORBIDDEN_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ufffe\uffff]")
+# A request text is a presence's status, which XML lets hold tabs and line breaks.
+_FORBIDDEN_IN_REQUEST_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
 
 
 def _check_text(text: str, what: str) -> None:
@@ -249,15 +251,10 @@ def _full(txn: RosterTxn, rules: Rules, *, request: bool) -> str | None:
     return None
 
 
-def _check_limits(limits: Limits, name: str, groups: list[str] | tuple[str, ...],
-                  request_text: str = "") -> None:
+def _check_limits(limits: Limits, name: str, groups: list[str] | tuple[str, ...]) -> None:
     if len(name) > limits.max_name_length:
         raise errors.not_acceptable(f"name is longer than {limits.max_name_length} characters")
     _check_text(name, "name")
-    if len(request_text) > limits.max_status_length:
-        raise errors.not_acceptable(
-            f"a request text is longer than {limits.max_status_length} characters")
-    _check_text(request_text, "request text")
     if len(set(groups)) != len(groups):
         raise errors.bad_request("an item may not list the same group twice")
     if len(groups) > limits.max_groups:
@@ -278,7 +275,9 @@ def _request_text(status: str | None, limits: Limits) -> str:
     if not status:
         return ""
     text = status[: limits.max_status_length]
-    return _FORBIDDEN_CHARACTERS.sub("", text) if _FORBIDDEN_CHARACTERS.search(text) else text
+    if _FORBIDDEN_IN_REQUEST_TEXT.search(text):
+        return _FORBIDDEN_IN_REQUEST_TEXT.sub("", text)
+    return text
 
 
 def _cancel_both_directions(user: str, row: RosterRow) -> list[Effect]:
@@ -468,7 +467,10 @@ def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outc
         raise errors.bad_request("item must be a map")
     old = txn.get(contact_jid(record.get("jid")))
     row = row_from_record(record, old)
-    _check_limits(rules.limits, row.name, row.groups, row.request_text)
+    _check_limits(rules.limits, row.name, row.groups)
+    # Kept as a request's text is on the presence path, so that what an export holds (stock
+    # ejabberd's, or rows stored before a lower limit) can be imported, and read back as is.
+    row = row._replace(request_text=_request_text(row.request_text, rules.limits))
     if row.contact == txn.user:
         raise errors.not_allowed("a user's own JID cannot be a roster item")
     if (row.in_roster and not (old and old.in_roster)) or old is None:  # a new item, or request
