@@ -8,7 +8,9 @@ operations/s, requests/s and the p50/p99 latency of one operation for:
 - handshake: a full subscription handshake between two users who never met, 4 requests
   (A out subscribe, B in subscribe, B out subscribed, A in subscribed); one operation is the 4;
 - roster_get: the 50-item roster of a user (users taken in turn, every answer counted);
-- jid_info: one contact of one user.
+- jid_info: one contact of one user;
+- write: what mod_roster:set_item_and_notify_clients/3 asks of the storage backend, 3 requests
+  (store_get_item, store_set_item of a new item, store_read_version); one operation is the 3.
 
 Each is run with 1 and 2 program processes (one client thread per process, closed loop), each
 run `--seconds` long, `--repeat` times; the table gives the median over the repeats (the machine
@@ -127,6 +129,18 @@ class Run:
         assert any(effect["type"] == "push" and effect["item"]["subscription"] == "to"
                    for effect in answer["effects"]), answer
 
+    def _write(self, program: ProgramProcess, index: int, n: int) -> None:
+        # What mod_roster:set_item_and_notify_clients/3 asks of the storage backend (db_type
+        # port): the item, then the new item written, then the version for the push.
+        who = f"wr{self.serial}-{index}-{n % 50}@{HOST}"
+        contact = f"c{n}@{HOST}"
+        item = program.call("store_get_item", {"user": who, "contact": contact})
+        assert item.get("item") is None, item
+        program.call("store_set_item", {"user": who, "item": {
+            "jid": contact, "name": "Written", "subscription": "both", "ask": "none",
+            "groups": ["Bench"], "askmessage": ""}})
+        assert program.call("store_read_version", {"user": who})["ver"] != "0"
+
     def _roster_get(self, program: ProgramProcess, index: int, n: int) -> None:
         who = user((n * len(self.programs) + index) % self.users)
         items = program.call("roster_get", {"user": who})["items"]
@@ -139,7 +153,7 @@ class Run:
         assert info["subscription"] == "both", info
 
 
-MEASURES = {"handshake": 4, "roster_get": 1, "jid_info": 1}  # requests per operation
+MEASURES = {"write": 3, "handshake": 4, "roster_get": 1, "jid_info": 1}  # requests per operation
 
 
 def main() -> int:
@@ -212,7 +226,7 @@ def run_all(config: Path, options) -> dict[tuple[str, int], list[tuple]]:
                 stderr = open(log_dir / f"stderr-{procs}-{index}.log", "wb")
                 program = ProgramProcess(config, hello=False, stderr=stderr)
                 programs.append(program)
-                program.call("hello", {"protocols": [1], "shim": "bench", "host": HOST,
+                program.call("hello", {"protocols": [2], "shim": "bench", "host": HOST,
                                        "node": "bench@localhost",
                                        "change_feed": not options.no_feed})
             # Warm up: connections, caches of the server and of the programs.

@@ -1,4 +1,4 @@
 """roster-port: ejabberd rosters served by an external program from the operator's database."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSIONS = (1,)
+PROTOCOL_VERSIONS = (2,)

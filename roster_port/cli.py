@@ -61,6 +61,8 @@ def _check(args: argparse.Namespace) -> int:
         )
         _say("limits: " + " ".join(f"{field.name}={getattr(limits, field.name)}"
                                    for field in dataclasses.fields(limits)))
+        _say("serve: " + " ".join(f"{field.name}={getattr(config.serve, field.name)}"
+                                  for field in dataclasses.fields(config.serve)))
         _say(f"log: {config.log.level} to {config.log.file or 'stderr'}")
         _say("ok")
     finally:

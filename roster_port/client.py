@@ -26,7 +26,7 @@ class ProgramProcess:
         self._ids = itertools.count(1)
         self._received = bytearray()
         if hello:
-            self.call("hello", {"protocols": [1], "shim": "test", "host": "localhost"})
+            self.call("hello", {"protocols": [2], "shim": "test", "host": "localhost"})
 
     def next_id(self) -> int:
         return next(self._ids)

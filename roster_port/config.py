@@ -6,9 +6,11 @@
     busy_timeout_ms = 5000       # sqlite: how long to wait for another process's write lock
     # dsn = "host=db dbname=app user=roster_port"   # postgres: libpq connection string or URI
     # pool_min = 1                 # postgres: connections kept open per program process
-    # pool_max = 4
+    # pool_max = 5                 # default: [serve] threads + 1, so no request waits for one
     # connect_timeout_s = 2.0      # postgres: fail fast when the server is down (keep it, plus
-    #                              # the 2 s lock timeout, under the shim's call_timeout)
+    #                              # the lock timeout, under the shim's call_timeout)
+    # lock_timeout_ms = 2000       # postgres: how long a write waits for another transaction
+    #                              # holding the same user's roster (an application's row lock)
 
     [roster]
     versioning = true            # roster versioning (XEP-0237 / RFC 6121 2.6)
@@ -31,6 +33,14 @@
                                  # texts are cut)
     max_frame_bytes = 8388608    # largest request frame accepted
 
+    [serve]
+    threads = 4                  # requests run side by side (different users only: one user's
+                                 # requests always run one at a time, in the order they came)
+    max_in_flight = 2000         # requests held at once, queued or running; more are answered
+                                 # `overloaded` at once (the shim gives its safe answer)
+    max_in_flight_per_user = 500 # of one user: a flood of one user's requests never crowds
+                                 # out the others
+
     [log]
     level = "info"               # debug, info, warning, error
     file = ""                    # empty: stderr (stdout is the protocol channel, never logs)
@@ -45,6 +55,7 @@ from typing import Any
 
 
 MAX_GROUPS = 1024  # = messages.MAX_CONTAINER_LEN, the longest array a request may hold
+MAX_THREADS = 64  # a thread costs a connection (and memory) whether it is busy or not
 
 
 class ConfigError(ValueError):
@@ -72,6 +83,13 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    threads: int = 4
+    max_in_flight: int = 2000
+    max_in_flight_per_user: int = 500
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     file: str = ""
@@ -82,6 +100,7 @@ class Config:
     store: dict[str, Any] = field(default_factory=lambda: {"backend": "sqlite", "path": "roster-port.sqlite"})
     roster: RosterPolicy = RosterPolicy()
     limits: Limits = Limits()
+    serve: ServeConfig = ServeConfig()
     log: LogConfig = LogConfig()
     source: str = "<defaults>"
 
@@ -105,7 +124,7 @@ def _section(cls, values: Any, where: str):
 
 
 def parse_config(data: dict[str, Any], *, source: str = "<string>", base_dir: Path | None = None) -> Config:
-    unknown = set(data) - {"store", "roster", "limits", "log"}
+    unknown = set(data) - {"store", "roster", "limits", "serve", "log"}
     if unknown:
         raise ConfigError(f"{source}: unknown sections {sorted(unknown)}")
     store = dict(Config().store)
@@ -126,8 +145,12 @@ def parse_config(data: dict[str, Any], *, source: str = "<string>", base_dir: Pa
     if limits.max_groups > MAX_GROUPS:
         # A request's arrays are bounded at decoding (messages.py) before the op is known.
         raise ConfigError(f"{source}: [limits].max_groups must be at most {MAX_GROUPS}")
+    serve = _section(ServeConfig, data.get("serve", {}), f"{source}: [serve]")
+    if serve.threads > MAX_THREADS:
+        raise ConfigError(f"{source}: [serve].threads must be at most {MAX_THREADS}")
     return Config(
         store=store,
+        serve=serve,
         roster=_section(RosterPolicy, data.get("roster", {}), f"{source}: [roster]"),
         limits=limits,
         log=log,

@@ -2,13 +2,19 @@
 
 Theory of operation
 -------------------
-`Dispatcher.handle(event)` takes one framing event (a frame, or an oversized frame that was
-skipped), decodes the request, checks its arguments, opens one store transaction on the user
-the request is about, runs the roster function the `OPERATIONS` table names for the op, and
-encodes the response: the result with its effects, or an error. It never raises: every failure
-becomes an error response (or, when no request id can be read, a log line and no response).
+`Dispatcher.accept(event, now)` takes one framing event (a frame, or an oversized frame that
+was skipped) and decodes the request. What needs no store (hello, ping, a request refused
+before its op runs) is answered there and then (`Answer`); anything else becomes a `Job`: the
+request, the user it is about (the key that orders it), the operation and its deadline.
+`Dispatcher.run(job, store, now)` then opens one store transaction on the user, runs the roster
+function the `OPERATIONS` table names for the op, and encodes the response: the result with its
+effects, or an error. A job whose deadline has passed is answered `timeout` without touching
+the store. `handle(event)` does both in one go (the serial path of tests and tools).
 
-The only I/O it does is through the store it is given. The stdio loop (server.py) owns the pipes.
+Neither raises: every failure becomes an error response (or, when no request id can be read, a
+log line and no response). The dispatcher knows nothing of threads or pipes: the stdio loop
+(server.py) decides where jobs run, and guarantees that one user's jobs run one at a time in
+the order accepted. The clock is an argument, so deadlines are tested without waiting.
 """
 
 from __future__ import annotations
@@ -145,9 +151,37 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
+def _deadline(args: dict[str, Any], now: float) -> float | None:
+    """When the shim stops waiting for the answer: `timeout_ms` after `now` (the moment the
+    frame was read), or None for a request without one (tools, tests)."""
+    timeout_ms = args.get("timeout_ms")
+    if timeout_ms is None:
+        return None
+    if type(timeout_ms) is not int or timeout_ms < 0:
+        raise ProtocolError("bad_request", "timeout_ms must be a non-negative integer")
+    return now + timeout_ms / 1000
+
+
 def _head_of(event: FrameEvent) -> str:
     raw = event.head if isinstance(event, OversizedFrame) else event.payload
     return raw[:32].hex()
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request to run in a store transaction on `user`'s roster."""
+
+    request: Request
+    user: str  # normalised: the key that orders a user's jobs
+    operation: Operation
+    deadline: float | None  # on the clock given to accept(); None: no deadline
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A request answered without the store (or a frame that gets no answer: None)."""
+
+    payload: bytes | None
 
 
 class Dispatcher:
@@ -156,54 +190,113 @@ class Dispatcher:
         self.rules = rules
         self.greeted = False
         self.host: str | None = None  # the virtual host the shim serves, from its hello
+        self.origin: str | None = None  # the ejabberd node, from the hello: stamps our writes
         self.feed: ChangeFeed | None = None  # opened when the shim's hello asks for changes
         # The largest frame the shim reads (from its hello): no answer may be longer.
         self.max_response_bytes: int | None = None
+        # What a ping reports besides "the loop reads and answers" (the server's counts).
+        self.status: Callable[[], dict[str, Any]] = dict
 
-    def handle(self, event: FrameEvent) -> bytes | None:
-        """The response payload for one framing event, or None when there is none to send."""
+    def handle(self, event: FrameEvent, now: float = 0.0) -> bytes | None:
+        """The response payload for one framing event, or None when there is none to send:
+        accept() and run() in one go, on the dispatcher's own store."""
+        accepted = self.accept(event, now)
+        if isinstance(accepted, Answer):
+            return accepted.payload
+        return self.run(accepted, self.store, now)
+
+    def accept(self, event: FrameEvent, now: float) -> Answer | Job:
         try:
-            return self._handle(event)
+            return self._accept(event, now)
         except Exception:  # noqa: BLE001 - nothing a frame holds may end the process
             log.exception("a frame could not be answered (first bytes %s)", _head_of(event))
-            return None
+            return Answer(None)
 
-    def _handle(self, event: FrameEvent) -> bytes | None:
+    def _accept(self, event: FrameEvent, now: float) -> Answer | Job:
         if isinstance(event, OversizedFrame):
             request_id = recover_id(event.head)
             message = f"frame of {event.length} bytes is over the limit"
-            return self._refuse(request_id, ProtocolError("frame_too_large", message), event.head)
+            return Answer(self._refuse(request_id, ProtocolError("frame_too_large", message),
+                                       event.head))
         assert isinstance(event, Frame)
         try:
             request = decode_request(event.payload)
         except RequestError as exc:
-            return self._refuse(exc.request_id, exc.error, event.payload)
+            return Answer(self._refuse(exc.request_id, exc.error, event.payload))
         try:
-            response = encode_response(request.id, self._serve(request))
-            if self.max_response_bytes is not None and len(response) > self.max_response_bytes:
-                # The shim would take a longer frame for garbage and restart us: refuse.
-                raise ProtocolError(
-                    "response_too_large",
-                    f"the answer is {len(response)} bytes, over the shim's max_frame_bytes "
-                    f"({self.max_response_bytes}); raise it, or lower [limits]")
-            return response
-        except ProtocolError as exc:
-            log.log(logging.ERROR if exc.code == "response_too_large" else logging.DEBUG,
-                    "request %d (%s) refused: %s", request.id, request.op, exc.message)
+            deadline = _deadline(request.args, now)
+            if request.op == "hello":
+                return Answer(self._response(request, self._hello(request.args)))
+            if not self.greeted:
+                raise ProtocolError("bad_request", "hello first")
+            if request.op == "ping":
+                return Answer(self._response(request, {"effects": [], **self.status()}))
+            operation = OPERATIONS.get(request.op)
+            if operation is None:
+                raise ProtocolError("unknown_op", f"unknown op {shown(request.op)}")
+            return Job(request, self._user(request.args), operation, deadline)
+        except Exception as exc:  # noqa: BLE001 - see _error()
+            return Answer(self._error(request, exc))
+
+    def run(self, job: Job, store: RosterStore, now: float) -> bytes | None:
+        """The response to `job`, run in one transaction of `store` (a store of the same
+        database as the dispatcher's: each thread may have its own connection)."""
+        request = job.request
+        try:
+            if job.deadline is not None and now >= job.deadline:
+                # The shim has given up on it: doing it now would only surprise the user.
+                raise ProtocolError("timeout", "the deadline passed before the request could "
+                                    "start; nothing was done")
+            if self.origin is not None and store.origin != self.origin:
+                store.origin = self.origin
+            writes = job.operation.writes_for(request.args)
+            with (store.transaction if writes else store.snapshot)(job.user) as txn:
+                outcome = job.operation.handler(txn, self.rules, request.args)
+            result = {**outcome.result, "effects": [effect.to_wire() for effect in outcome.effects]}
+            return self._response(request, result)
+        except Exception as exc:  # noqa: BLE001 - see _error()
+            return self._error(request, exc)
+
+    def failed(self, job: Job, exc: Exception) -> bytes:
+        """The error response for a job that could not be run (its thread has no store)."""
+        return self._error(job.request, exc)
+
+    def overloaded(self, job: Job, why: str) -> bytes:
+        """The answer to a job the server has no room for (nothing was done)."""
+        log.warning("request %d (%s) for %s refused: %s", job.request.id, job.request.op,
+                    job.user, why)
+        return encode_error(job.request.id, ProtocolError("overloaded", why).to_wire())
+
+    def _response(self, request: Request, result: dict[str, Any]) -> bytes:
+        response = encode_response(request.id, result)
+        if self.max_response_bytes is not None and len(response) > self.max_response_bytes:
+            # The shim would take a longer frame for garbage and restart us: refuse.
+            raise ProtocolError(
+                "response_too_large",
+                f"the answer is {len(response)} bytes, over the shim's max_frame_bytes "
+                f"({self.max_response_bytes}); raise it, or lower [limits]")
+        return response
+
+    def _error(self, request: Request, exc: Exception) -> bytes:
+        """The error response for what serving `request` raised: every exception becomes one."""
+        if isinstance(exc, ProtocolError):
+            level = logging.ERROR if exc.code == "response_too_large" else (
+                logging.WARNING if exc.code == "timeout" else logging.DEBUG)
+            log.log(level, "request %d (%s) refused: %s", request.id, request.op, exc.message)
             return encode_error(request.id, exc.to_wire())
-        except StanzaError as exc:
+        if isinstance(exc, StanzaError):
             log.debug("request %d (%s) refused: %s", request.id, request.op, exc)
             return encode_error(request.id, exc.to_wire())
-        except StoreUnavailable as exc:
+        if isinstance(exc, StoreUnavailable):
             log.error("request %d (%s): store unavailable: %s", request.id, request.op, exc)
             return encode_error(request.id, ProtocolError("store_unavailable", str(exc)).to_wire())
-        except StoreError as exc:
+        if isinstance(exc, StoreError):
             log.error("request %d (%s): store error: %s", request.id, request.op, exc)
             return encode_error(request.id, ProtocolError("internal", str(exc)).to_wire())
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the process
-            log.exception("request %d (%s) failed", request.id, request.op)
-            error = ProtocolError("internal", f"{type(exc).__name__}: {exc}"[:300])
-            return encode_error(request.id, error.to_wire())
+        # A bug must cost one request, not the process.
+        log.error("request %d (%s) failed", request.id, request.op, exc_info=exc)
+        error = ProtocolError("internal", f"{type(exc).__name__}: {exc}"[:300])
+        return encode_error(request.id, error.to_wire())
 
     def _refuse(self, request_id: int | None, error: ProtocolError, raw: bytes) -> bytes | None:
         if request_id is None:
@@ -211,22 +304,6 @@ class Dispatcher:
             return None
         log.warning("request %d: %s: %s", request_id, error.code, error.message)
         return encode_error(request_id, error.to_wire())
-
-    def _serve(self, request: Request) -> dict[str, Any]:
-        if request.op == "hello":
-            return self._hello(request.args)
-        if not self.greeted:
-            raise ProtocolError("bad_request", "hello first")
-        if request.op == "ping":
-            return {"effects": []}
-        operation = OPERATIONS.get(request.op)
-        if operation is None:
-            raise ProtocolError("unknown_op", f"unknown op {shown(request.op)}")
-        user = self._user(request.args)
-        scope = self.store.transaction if operation.writes_for(request.args) else self.store.snapshot
-        with scope(user) as txn:
-            outcome = operation.handler(txn, self.rules, request.args)
-        return {**outcome.result, "effects": [effect.to_wire() for effect in outcome.effects]}
 
     def notifications(self, changes: list[OutsideChange]) -> list[bytes]:
         """`roster_changed` notifications for changes other applications made, one per user."""
@@ -288,7 +365,7 @@ class Dispatcher:
         limit = args.get("max_frame_bytes")
         self.max_response_bytes = limit if type(limit) is int and limit > 0 else None
         if isinstance(args.get("node"), str) and args["node"]:
-            self.store.origin = args["node"]
+            self.origin = self.store.origin = args["node"]
         if args.get("change_feed") and self.feed is None:
             # Opened before the answer, so that a shim may trust a cache from the answer on:
             # every change made after it will be notified.

@@ -1,18 +1,30 @@
-"""The stdio loop: the only place where the program touches its pipes.
+"""The stdio loop: the only place where the program touches its pipes, and its only threads.
 
 ejabberd's shim writes request frames to our stdin and reads response frames from our stdout.
 Before anything else, `serve()` moves the protocol channel to a private file descriptor and
 points fd 1 at stderr, so a stray print() from any library can never corrupt a frame.
 
-Requests are served in the order they arrive; the responses one read completes are written
-with one write (or one per FLUSH_BYTES of them), so a pipelined burst costs one system call each
-way. No exception a frame or the feed can cause leaves the loop, and answers already made are
-written whatever ends it. EOF on stdin: the requests
-already read are answered, the store is closed, and the program exits 0.
+Two kinds of thread, each with one job:
+- the main thread reads stdin, decodes frames (Dispatcher.accept), answers at once what needs
+  no store (hello, ping, refusals), and hands every other request to the executor under its
+  user's key. It never waits for the store, so a ping is answered whatever the workers are
+  doing: an answered ping proves the program reads and writes. It also watches the change feed
+  (a LISTEN socket, or a poll timer) and makes `roster_changed` notifications.
+- `[serve] threads` workers run requests (Dispatcher.run), each with a store of its own when
+  the adapter's connections cannot be shared (SQLite), one user's requests one at a time in the
+  order they arrived (executor.py), different users' side by side;
+- whichever thread made a frame writes it, whole, under one lock (FrameWriter): nothing is
+  held for a later write.
 
-When the shim's hello asks for it (`change_feed`), the loop also watches the store's change
-feed (a LISTEN socket, or a poll timer) and writes `roster_changed` notifications between
-responses, never inside one.
+Bounds: at most `[serve] max_in_flight` requests held (queued or running), at most
+`max_in_flight_per_user` of one user; beyond that a request is answered `overloaded` at once,
+nothing queued. A request whose `timeout_ms` passed before a worker took it up is answered
+`timeout`, never run.
+
+Endings. EOF on stdin: the requests already read are run and answered, the store is closed,
+and the program exits 0. SIGTERM: requests not yet started are dropped (the shim's deadline
+covers them), those running are given STOP_GRACE_S to finish, and what was answered is
+written. No exception a frame or the feed can cause leaves the loop.
 """
 
 from __future__ import annotations
@@ -24,20 +36,24 @@ import selectors
 import signal
 import stat
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 from .config import Config
-from .dispatcher import Dispatcher
+from .dispatcher import Answer, Dispatcher, Job
+from .executor import PerKeyExecutor
 from .framing import FrameDecoder, encode_frame
 from .roster import Rules
-from .store.base import ChangeFeed, OutsideChange
+from .store.base import ChangeFeed, OutsideChange, RosterStore
 from .store.factory import open_store
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16
-# Responses are written together, one write for all those one read completes, unless they
-# reach this size first: what is held for writing stays bounded whatever one read asks for.
-FLUSH_BYTES = 1 << 18
+# How long a SIGTERM waits for the requests already running (their transactions commit or roll
+# back) before the process exits.
+STOP_GRACE_S = 2.0
 
 
 class NoProtocolChannel(Exception):
@@ -89,26 +105,34 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-class _Responses:
-    """Responses to write: all those one read completes in one write, unless they reach
-    FLUSH_BYTES first (64 KiB of requests may ask for gigabytes of answers)."""
+class FrameWriter:
+    """Frames from any thread, each written whole by the thread that made it, one at a time.
 
-    def __init__(self, fd: int) -> None:
+    Written at once rather than handed to a thread of its own: a hand-over between threads
+    costs more (tens of microseconds, the GIL's) than the write itself. A write that fails
+    (the shim closed our stdout) is reported once through `on_broken`; later frames are
+    dropped. A write blocks only while the shim's VM does not read its pipe.
+    """
+
+    def __init__(self, fd: int, on_broken: Callable[[], None]) -> None:
         self._fd = fd
-        self._frames: list[bytes] = []
-        self._size = 0
+        self._on_broken = on_broken
+        self._lock = threading.Lock()
+        self._broken = False
 
     def add(self, payload: bytes | None) -> None:
-        if payload:
-            self._frames.append(encode_frame(payload))
-            self._size += len(payload)
-            if self._size >= FLUSH_BYTES:
-                self.flush()
-
-    def flush(self) -> None:
-        if self._frames:
-            frames, self._frames, self._size = self._frames, [], 0
-            write_all(self._fd, b"".join(frames))
+        if not payload:
+            return
+        frame = encode_frame(payload)
+        with self._lock:
+            if self._broken:
+                return
+            try:
+                write_all(self._fd, frame)
+            except OSError as exc:  # EPIPE: the shim is gone
+                self._broken = True
+                log.warning("writing to the shim failed (%s); exiting", exc)
+                self._on_broken()
 
 
 def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
@@ -120,12 +144,45 @@ def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
 
 
 class Terminated(BaseException):
-    """Raised by the SIGTERM handler wherever the loop is. A BaseException, so that no
+    """Raised by the SIGTERM handler wherever the main thread is. A BaseException, so that no
     handler that contains a request's or a frame's failure can swallow it."""
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signal.Signals(signum).name)
+
+
+class _ThreadStores:
+    """The store each worker thread runs its requests on: the main one when its adapter's
+    connections may be shared by threads (a pool), or one opened per thread."""
+
+    def __init__(self, config: Config, main: RosterStore) -> None:
+        self._config = config
+        self._main = main
+        self._local = threading.local()
+        self._opened: list[RosterStore] = []
+        self._lock = threading.Lock()
+
+    def current(self) -> RosterStore:
+        if self._main.threads_share:
+            return self._main
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = open_store(self._config)  # StoreUnavailable: this request fails, not the thread
+            store.origin = self._main.origin
+            self._local.store = store
+            with self._lock:
+                self._opened.append(store)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for store in opened:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - closing must not stop the exit
+                log.exception("closing a worker's store failed")
 
 
 def serve(config: Config, *, stdin_fd: int = 0) -> int:
@@ -138,12 +195,37 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     # open transaction rolls back; the shim's deadline covers the request it was serving).
     signal.signal(signal.SIGTERM, _terminate)
     store = open_store(config)
-    log.info("serving rosters from %s (pid %d)", store.describe(), os.getpid())
+    serving = config.serve
+    log.info("serving rosters from %s (pid %d, %d threads, at most %d requests in flight)",
+             store.describe(), os.getpid(), serving.threads, serving.max_in_flight)
     dispatcher = Dispatcher(store, Rules(config.roster, config.limits))
     decoder = FrameDecoder(config.limits.max_frame_bytes)
+    # The writer's failure wakes the main thread through this pipe: select() sees it.
+    wake_read, wake_write = os.pipe()
+    writer = FrameWriter(frames_fd, lambda: os.write(wake_write, b"x"))
+    stores = _ThreadStores(config, store)
+
+    def run(job: Job) -> None:
+        try:
+            job_store = stores.current()
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailable, mostly: answer it
+            writer.add(dispatcher.failed(job, exc))
+            return
+        writer.add(dispatcher.run(job, job_store, time.monotonic()))
+
+    executor = PerKeyExecutor(run, threads=serving.threads, max_in_flight=serving.max_in_flight,
+                              max_per_key=serving.max_in_flight_per_user)
+
+    def status() -> dict[str, int]:
+        in_flight, running = executor.counts()
+        return {"in_flight": in_flight, "running": running}
+
+    dispatcher.status = status
     selector = selectors.DefaultSelector()
     selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
+    selector.register(wake_read, selectors.EVENT_READ, "broken")
     feed_fd: int | None = None  # the feed's descriptor as registered (it changes on reconnect)
+    eof = False
     try:
         while True:
             feed = dispatcher.feed
@@ -155,30 +237,46 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
                 feed_fd = fd
             polled = feed is not None and feed_fd is None
             ready = {key.data for key, _ in selector.select(feed.poll_interval if polled else None)}
-            out = _Responses(frames_fd)
-            try:
-                if "stdin" in ready:
-                    data = os.read(stdin_fd, READ_SIZE)
-                    if not data:
-                        break
-                    for event in decoder.feed(data):
-                        out.add(dispatcher.handle(event))  # never raises
-                if feed is not None and ("feed" in ready or polled):
-                    for payload in dispatcher.notifications(_read_feed(feed)):
-                        out.add(payload)
-            finally:
-                # Answers already made are written even when a signal ends the loop here:
-                # their writes are committed, and the shim is waiting for them.
-                out.flush()
-    except BrokenPipeError:
-        log.warning("the shim closed our stdout; exiting")
+            if "broken" in ready:
+                break
+            if "stdin" in ready:
+                data = os.read(stdin_fd, READ_SIZE)
+                if not data:
+                    eof = True
+                    break
+                now = time.monotonic()
+                for event in decoder.feed(data):
+                    accepted = dispatcher.accept(event, now)  # never raises
+                    if isinstance(accepted, Answer):
+                        writer.add(accepted.payload)
+                    elif not executor.submit(accepted.user, accepted):
+                        writer.add(dispatcher.overloaded(accepted, _full_because(executor, serving)))
+            if feed is not None and ("feed" in ready or polled):
+                for payload in dispatcher.notifications(_read_feed(feed)):
+                    writer.add(payload)
     except Terminated as exc:
         log.info("stopped by %s", exc)
     finally:
         if decoder.buffered:
             log.warning("EOF inside a frame: %d bytes of an incomplete frame dropped", decoder.buffered)
-        dispatcher.close()
+        if eof:
+            executor.drain()
+        dropped = executor.stop(timeout=None if eof else STOP_GRACE_S)
+        if dropped:
+            log.warning("%d requests not started when the program stopped; not answered", dropped)
+            dispatcher.close()
         selector.close()
+        stores.close()
         store.close()
+        for fd in (wake_read, wake_write):
+            os.close(fd)
         log.info("store closed; exiting")
     return 0
+
+
+def _full_because(executor: PerKeyExecutor, serving) -> str:
+    in_flight, _ = executor.counts()
+    if in_flight >= serving.max_in_flight:
+        return f"{in_flight} requests in flight already ([serve] max_in_flight)"
+    return (f"{serving.max_in_flight_per_user} requests of this user in flight already "
+            "([serve] max_in_flight_per_user)")

@@ -24,7 +24,7 @@ class Session:
         self.dispatcher = Dispatcher(store, rules)
         self.ids = itertools.count(1)
         if greet:
-            self.ok("hello", {"protocols": [1], "shim": "test", "host": "example.com"})
+            self.ok("hello", {"protocols": [2], "shim": "test", "host": "example.com"})
 
     def send(self, op: str, args: dict[str, Any]) -> list[Any]:
         request_id = next(self.ids)
@@ -92,16 +92,17 @@ def session_with(store, **changes) -> Session:
 def test_hello_comes_first(store):
     session = Session(store, Rules(), greet=False)
     assert session.error("roster_get", {"user": ALICE})["message"] == "hello first"
-    result = session.ok("hello", {"protocols": [7, 1], "shim": "x", "host": "example.com"})
-    assert result["protocol"] == 1
+    result = session.ok("hello", {"protocols": [7, 2], "shim": "x", "host": "example.com"})
+    assert result["protocol"] == 2
     assert result["capabilities"] == {"versioning": True, "pre_approval": True, "notifications": False}
     assert session.ok("roster_get", {"user": ALICE}) == {"items": [], "effects": []}
 
 
 def test_hello_with_no_common_protocol_is_refused(store):
     session = Session(store, Rules(), greet=False)
-    error = session.error("hello", {"protocols": [2, 3]})
-    assert error["code"] == "unsupported_protocol" and "[1]" in error["message"]
+    # Version 1 had no deadlines and one request at a time: a shim of then is refused.
+    error = session.error("hello", {"protocols": [1, 3]})
+    assert error["code"] == "unsupported_protocol" and "[2]" in error["message"]
 
 
 def test_unknown_op_and_bad_arguments(session):

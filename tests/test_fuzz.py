@@ -45,7 +45,7 @@ def program(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "rosters.sqlite"
     store = SQLiteStore(str(path))
     dispatcher = Dispatcher(store, Rules(limits=LIMITS))
-    hello = dispatcher.handle(Frame(encode_request(0, "hello", {"protocols": [1], "host": "example.com"})))
+    hello = dispatcher.handle(Frame(encode_request(0, "hello", {"protocols": [2], "host": "example.com"})))
     assert decode_message(hello)[2] is None
     yield dispatcher, str(path)
     dispatcher.close()

@@ -12,6 +12,8 @@ import pytest
 from roster_port.client import ProgramProcess, ProgramError
 from roster_port.framing import HEADER, encode_frame
 from roster_port.messages import decode_message, encode_request
+# What a ping answers when no request is queued or running.
+IDLE_PING = {"effects": [], "in_flight": 0, "running": 0}
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 
@@ -62,7 +64,7 @@ def test_a_full_handshake_ends_with_both_rows_right_in_the_file(config, tmp_path
 
 
 def _ping_is_answered(program: ProgramProcess) -> None:
-    assert program.call("ping", {}) == {"effects": []}
+    assert program.call("ping", {}) == IDLE_PING
 
 
 def test_bad_frames_get_errors_or_log_lines_and_the_next_request_is_answered(config, tmp_path):
@@ -149,7 +151,7 @@ def test_changes_made_outside_are_notified_and_own_changes_are_not(config, tmp_p
     import time
 
     with ProgramProcess(config, hello=False) as program:
-        hello = program.call("hello", {"protocols": [1], "shim": "test", "host": "example.com", "change_feed": True})
+        hello = program.call("hello", {"protocols": [2], "shim": "test", "host": "example.com", "change_feed": True})
         assert hello["capabilities"]["notifications"] is True
         program.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "name": "Bob"}]})
         # Another application makes Carol Alice's friend in plain SQL, and renames Bob.
@@ -194,7 +196,7 @@ def test_sigterm_stops_the_program_cleanly(config):
 
 
 def test_a_change_made_through_another_node_is_notified_on_this_one(config):
-    hello = {"protocols": [1], "shim": "test", "host": "example.com"}
+    hello = {"protocols": [2], "shim": "test", "host": "example.com"}
     with ProgramProcess(config, hello=False) as node_a, ProgramProcess(config, hello=False) as node_b:
         node_a.call("hello", {**hello, "node": "ejabberd@a", "change_feed": True})
         node_b.call("hello", {**hello, "node": "ejabberd@b", "change_feed": True})
@@ -205,4 +207,4 @@ def test_a_change_made_through_another_node_is_notified_on_this_one(config):
         # Node A pushed its own change in the response: its feed stays quiet.
         node_b.call("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "name": "Bobby"}]})
         assert node_a.read_message()[2]["effects"][0]["item"]["name"] == "Bobby"
-        assert node_a.call("ping", {}) == {"effects": []}  # nothing else was waiting
+        assert node_a.call("ping", {}) == IDLE_PING  # nothing else was waiting

@@ -16,7 +16,7 @@ from roster_port.replay import read_transcript, replay
 ALICE, BOB = "alice@example.com", "bob@example.com"
 
 SESSION = [
-    ("hello", {"protocols": [1], "shim": "test", "host": "example.com"}),
+    ("hello", {"protocols": [2], "shim": "test", "host": "example.com"}),
     ("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set", "items": [{"jid": BOB, "name": "Bob", "groups": ["G"]}]}),
     ("out_subscription", {"user": ALICE, "contact": BOB, "type": "subscribe", "status": None}),
     ("in_subscription", {"user": BOB, "contact": ALICE, "type": "subscribe", "status": "hi"}),

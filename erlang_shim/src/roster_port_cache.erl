@@ -40,10 +40,37 @@
 %%%     known to be running. The worker of that process turns it off when its
 %%%     program goes down and on (after invalidating everything) once the
 %%%     new program's feed is known to be open.
-%%% Who invalidates what is decided by roster_port_worker, which sees every
-%%% request and answer: a writing request's user before it is sent and when
-%%% its answer (or its deadline) comes; a roster_changed notification's
-%%% user; everything on a program restart or a lost answer.
+%%%
+%%% When to invalidate. roster_port_worker sees every request and answer and
+%%% calls one function of this module at each moment; each applies one rule:
+%%%   request_sent/3       a writing request's user, right before it is
+%%%                        written (a read sent before it is void);
+%%%   answer_received/3    a writing request's user again when its answer
+%%%                        comes, in time or late, before its caller hears
+%%%                        of it (a read sent while the write was in flight
+%%%                        may have missed it: the program runs requests of
+%%%                        different users concurrently, and its answers
+%%%                        come back in any order);
+%%%   request_expired/3    everything, when a writing request passes its
+%%%                        deadline (whether and when it is carried out is
+%%%                        unknown from now on);
+%%%   answer_lost/1        everything, when an answer comes for a request
+%%%                        the worker no longer knows (what it wrote is
+%%%                        unknown);
+%%%   notification_received/3  a roster_changed notification's user as
+%%%                        soon as it is read (any other notification:
+%%%                        everything);
+%%%   program_down/2       everything when a program goes down (answers in
+%%%                        flight are lost, their writes may be in the
+%%%                        store); the feed worker's also turns the cache
+%%%                        off: outside changes go unreported;
+%%%   program_up/1         everything when a new program has answered its
+%%%                        hello (it may not have seen what the old one was
+%%%                        answering);
+%%%   feed_open/1          the feed worker's, once the new program's feed
+%%%                        is known to be open: everything, then the cache
+%%%                        answers again.
+%%% A request `writes` unless it is one of protocol.md's reads (writes/2).
 %%%
 %%% Records in the table:
 %%%   {{user, U}, InvalidatedAt, JidInfoLoad}  JidInfoLoad: the stamp of the
@@ -75,6 +102,9 @@
          lookup_jid_info/3, store_jid_info/4,
          invalidate/2, invalidate_all/1, raise_floor/1, purge/1,
          set_live/2, is_live/1, records/1]).
+%% The worker's moments (see the module doc).
+-export([request_sent/3, answer_received/3, request_expired/3, answer_lost/1,
+         notification_received/3, program_down/2, program_up/1, feed_open/1]).
 
 -export_type([cache/0]).
 
@@ -262,6 +292,65 @@ install_load(T, User, LoadedAt) ->
 %%%===================================================================
 %%% Invalidation
 %%%===================================================================
+
+%% @doc Before a request is written to the program.
+-spec request_sent(cache(), binary(), map()) -> ok.
+request_sent(Cache, Op, Args) ->
+    invalidate_if_writes(Cache, Op, Args).
+
+%% @doc When the answer to a request comes, in time or late, before its
+%% caller hears of it.
+-spec answer_received(cache(), binary(), map()) -> ok.
+answer_received(Cache, Op, Args) ->
+    invalidate_if_writes(Cache, Op, Args).
+
+%% @doc When a request passes its deadline without an answer.
+-spec request_expired(cache(), binary(), map()) -> ok.
+request_expired(Cache, Op, Args) ->
+    case writes(Op, Args) of
+        true -> invalidate_all(Cache);
+        false -> ok
+    end.
+
+%% @doc When an answer comes for a request that is not known (any more).
+-spec answer_lost(cache()) -> ok.
+answer_lost(Cache) ->
+    invalidate_all(Cache).
+
+%% @doc As soon as a notification is read, before it is carried out.
+-spec notification_received(cache(), binary(), map()) -> ok.
+notification_received(Cache, <<"roster_changed">>, #{<<"user">> := User})
+  when is_binary(User) ->
+    invalidate(Cache, User);
+notification_received(Cache, _Name, _Params) ->
+    invalidate_all(Cache).
+
+%% @doc When a program goes down; Feed: it was the one reporting outside
+%% changes.
+-spec program_down(cache(), boolean()) -> ok.
+program_down(Cache, Feed) ->
+    Feed andalso set_live(Cache, false),
+    invalidate_all(Cache).
+
+%% @doc When a new program has answered its hello.
+-spec program_up(cache()) -> ok.
+program_up(Cache) ->
+    invalidate_all(Cache).
+
+%% @doc When the feed worker's new program is known to report outside
+%% changes.
+-spec feed_open(cache()) -> ok.
+feed_open(Cache) ->
+    invalidate_all(Cache),
+    set_live(Cache, true).
+
+invalidate_if_writes(Cache, Op, #{<<"user">> := User} = Args) ->
+    case writes(Op, Args) of
+        true -> invalidate(Cache, User);
+        false -> ok
+    end;
+invalidate_if_writes(_Cache, _Op, _Args) ->
+    ok.
 
 %% @doc Nothing read about User before now is used any more.
 -spec invalidate(cache(), binary()) -> ok.

@@ -86,6 +86,10 @@ worker_names(Host) ->
 %% User. Args gets the "user" key. With #{keep => true}, a request that cannot
 %% be forwarded because the program is down is kept by the worker and replayed
 %% when the program is back (the caller still gets {error, unavailable}).
+%% {error, timeout}: no answer within call_timeout (the request may still be
+%% carried out); {error, {program, #{<<"code">> := <<"overloaded">> |
+%% <<"timeout">>}}}: the program refused it, nothing was done. Any error
+%% gets the operation's safe answer.
 -spec call(binary(), binary(), binary(), map()) -> call_result().
 call(Host, User, Op, Args) ->
     call(Host, User, Op, Args, #{}).

@@ -4,8 +4,9 @@
 %%% types, and the <query/> of a roster result or push (with approved='true',
 %%% which xmpp 1.6.1's #roster_item{} cannot carry).
 %%%
-%%% Pure functions, no process and no state: mod_roster_port calls them on
-%%% its way to and from the program.
+%%% Pure functions, no process and no state: mod_roster_port's modules
+%%% (hooks, IQ, backend, effects) call them on their way to and from the
+%%% program.
 %%%
 %%% JIDs from the program. The program serves rows that other applications
 %%% also write, so a JID it answers may be one ejabberd's jid:decode/1 refuses

@@ -1,62 +1,57 @@
-%%% @doc One worker of the pool: owns one running roster-port program.
+%%% @doc One worker of the pool: owns one running roster-port program and
+%%% forwards requests to it (docs/protocol.md, version 2).
 %%%
-%%% Theory of operation. The worker opens the program as a port in stream
-%%% mode, says hello, and then forwards requests as they come: each gets the
-%%% next id and an entry in `pending`, and any number may be in flight. An
-%%% answer is matched to its caller by id. Everything the program does is
-%%% watched:
-%%%   - it exits: logged with its exit status, every caller in flight gets
-%%%     {error, unavailable}, and it is started again after a backoff that
-%%%     doubles from 100 ms up to max_backoff while it keeps failing. When a
-%%%     request is written between its death and the VM's notice of it, the
-%%%     write fails (epipe), the VM closes the port and the exit status is
-%%%     lost (ERTS reports none after a port's exit): logged as such;
-%%%   - it hangs: a ping goes out every ping_interval; no answer to a ping
-%%%     (or to hello) within call_timeout, or a run of MAX_TIMEOUTS requests
-%%%     without answer, and the program is killed and restarted the same way;
-%%%   - it writes something that is not a frame (roster_port_frames reads
-%%%     a length over max_frame_bytes): killed at once and restarted the same
-%%%     way, as its stream cannot be read any further;
-%%%   - while it is down, requests are answered {error, unavailable} at once.
-%%%     A request sent with keep = true (subscription presences) is then kept
-%%%     in a bounded queue, logged with its content, and replayed in order
-%%%     right after the next successful hello.
-%%% Effects that arrive without a caller to carry them out (notifications,
-%%% the answer to a replayed request, an answer that came after its caller's
-%%% deadline) go to the `runner`, a linked process that calls the pool's
-%%% handler one event at a time, in order. They are never carried out in
-%%% the worker itself: routing a presence may run a roster hook that calls
-%%% this very worker, which would deadlock.
+%%% Invariants:
+%%%   - Every request written gets the next id and an entry in `pending`
+%%%     until its answer, its deadline or the program's end; any number are
+%%%     in flight, answers are matched by id. A request past its deadline is
+%%%     remembered as late: its effects are carried out when its answer
+%%%     comes (an answer of code `timeout` was never started: nothing to
+%%%     carry out).
+%%%   - The program hangs when a hello or a ping gets no answer within
+%%%     call_timeout (it answers pings from its reading loop, whatever its
+%%%     requests are doing), or when bytes written to its stdin stay unread
+%%%     that long. A slow request proves nothing (one user's row lock must
+%%%     not cost everyone their requests): when a request passes its
+%%%     deadline and no ping is in flight, a ping goes out at once. Pings
+%%%     also go out every ping_interval.
+%%%   - A program that hangs, exits, or writes something that is not a frame
+%%%     is killed (a program opened is always in the state or killed), every
+%%%     caller in flight gets {error, unavailable}, and it is started again
+%%%     after a backoff doubling from 100 ms to max_backoff. While it is
+%%%     down requests get {error, unavailable} at once; those sent with
+%%%     keep = true are kept (bounded) and replayed right after the next
+%%%     hello.
+%%%   - Effects without a caller (notifications, replays, late answers) go
+%%%     to the runner (roster_port_effects), never run here: routing a
+%%%     presence may call this very worker.
+%%%   - The read cache's rules are roster_port_cache's; the worker calls
+%%%     its request_sent, answer_received, ... at those moments.
+%%%   - Worker 1's program is asked for the change feed (one per host and
+%%%     node); its cache is on once a ping answered after hello proves the
+%%%     feed open.
 %%%
-%%% Hello. Every hello names the ejabberd node (the program stamps its writes
-%%% with it) and asks for the change feed (roster_changed notifications of
-%%% changes made outside this node) from exactly one program per host: that
-%%% of worker 1, the "feed worker". Each ejabberd node has its own feed
-%%% worker, so every node hears of every outside change once.
+%%% Writing never blocks the worker (status, sweep, pings go on whatever
+%%% the program does). A spawn port is "busy" once more than 8 KiB wait in
+%%% the VM for the pipe (64 KiB); a port_command then suspends its caller,
+%%% or with nosuspend returns false. On OTP 25 a healthy reader makes it
+%%% busy with any frame over ~72 KiB (an 8 MiB frame for ~80 ms) and on
+%%% more than half the writes of a burst of small frames, so busy is no sign
+%%% of a hang. The port is opened with its busy limits disabled instead:
+%%% port_command(nosuspend) always takes the frame, and the VM queues what
+%%% the pipe does not. The worker watches that queue (port_info queue_size,
+%%% under 1 us) after each request and at each sweep: bytes written minus
+%%% bytes queued is what the pipe took; bytes queued and none taken for
+%%% call_timeout, or over 2 x max_frame_bytes queued, and the program is
+%%% hung. An outbox in the worker retried on a timer would hold the same
+%%% bytes under the same bound, and add a retry delay and a second place
+%%% where frames wait.
 %%%
-%%% The read cache (roster_port_cache) is invalidated here, because every
-%%% request and answer passes through here: a writing request's user right
-%%% before the request is sent and again when its answer arrives (before the
-%%% caller hears of it); a roster_changed notification's user as soon as it
-%%% is read; everything when a program goes down or comes up, when a
-%%% writing request passes its deadline, and when an answer's request is
-%%% unknown. The feed worker also turns the cache off while its program is
-%%% down, and on once the new program's feed is known to be open: after the
-%%% answer to a ping sent once hello was answered (the program opens its
-%%% feed after answering hello, before it reads the next request).
-%%%
-%%% Framing. The protocol's 4-byte length prefix is read and written here
-%%% (roster_port_frames), not by the VM: a port with {packet, 4} allocates
-%%% whatever length its first 4 bytes announce before max_frame_bytes can be
-%%% checked (gigabytes for a stray line on stdout). So the worker never
-%%% holds more than max_frame_bytes of one frame, and a program it has
-%%% opened is always either in the state or closed and killed: a start that
-%%% fails after open_port (a hello over max_frame_bytes) stops the program
-%%% it opened.
-%%%
-%%% The program's stdout carries frames only. Its stderr is not captured: it
-%%% is inherited from ejabberd's VM (see README), so the program should log
-%%% to a file of its own.
+%%% Framing is done here (roster_port_frames), not by the VM: a port with
+%%% {packet, 4} reserves whatever length its first 4 bytes announce before
+%%% max_frame_bytes can be checked (gigabytes for a stray line on stdout).
+%%% The program's stdout carries frames only; its stderr is inherited from
+%%% the VM (see README).
 -module(roster_port_worker).
 -behaviour(gen_server).
 
@@ -65,11 +60,13 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--define(PROTOCOLS, [1]).
+-define(PROTOCOLS, [2]).
 -define(SHIM_VERSION, <<"0.1.0">>).
 -define(MIN_BACKOFF, 100).
--define(MAX_TIMEOUTS, 5).
 -define(MAX_LATE, 1000).
+%% Requests without answer, or refused by the program, are logged at most
+%% once per this many ms, counted.
+-define(TROUBLE_LOG_MS, 10000).
 
 -record(state,
         {host :: binary(),
@@ -109,10 +106,20 @@
          %% late_ids, so that their effects are still carried out.
          late = #{} :: map(),
          late_ids = queue:new() :: queue:queue(),
-         timeouts = 0 :: non_neg_integer(),
          kept = queue:new() :: queue:queue({binary(), map()}),
          kept_len = 0 :: non_neg_integer(),
-         ping_timer :: undefined | reference()}).
+         ping_timer :: undefined | reference(),
+         %% The program's stdin (see the module doc): bytes written to the
+         %% port, bytes the pipe had taken at the last look, and when the
+         %% queue was last seen empty or shrinking.
+         written = 0 :: non_neg_integer(),
+         drained = 0 :: non_neg_integer(),
+         read_at = 0 :: integer(),
+         %% Counts of no_answer / timeout / overloaded not logged yet, the
+         %% last such request, and when they were last logged.
+         trouble = #{} :: #{atom() => pos_integer()},
+         trouble_last :: undefined | {binary(), term()},
+         trouble_logged_at :: undefined | integer()}).
 
 start_link(Host, Index, Name, Opts) ->
     gen_server:start_link({local, Name}, ?MODULE, {Host, Index, Opts},
@@ -150,7 +157,8 @@ init({Host, Index, Opts}) ->
                    node = maps:get(node, Opts),
                    feed = Index == 1,
                    cache = maps:get(cache, Opts, undefined)},
-    State1 = State#state{runner = start_runner(State)},
+    State1 = State#state{runner = roster_port_effects:start_runner(Host, Index,
+                                                                   State#state.handler)},
     %% The program starts after init returns: a slow start must not hold
     %% the supervisor (and so ejabberd's module start).
     self() ! start_program,
@@ -161,7 +169,7 @@ handle_call({request, Op, Args, Deadline, _Keep}, From,
             #state{status = up} = State) ->
     case send_request({caller, From}, Op, Args, Deadline, State) of
         {ok, State1} ->
-            {noreply, State1};
+            {noreply, watch_stdin(State1)};
         {error, Reason} ->
             {reply, {error, Reason}, State}
     end;
@@ -202,19 +210,16 @@ handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
 handle_info({'EXIT', Runner, Reason}, #state{runner = Runner} = State) ->
     ?LOG_ERROR("roster-port ~ts/~B: effects runner died (~p); starting a new one",
                [State#state.host, State#state.index, Reason]),
-    {noreply, State#state{runner = start_runner(State)}};
+    Runner1 = roster_port_effects:start_runner(State#state.host, State#state.index,
+                                               State#state.handler),
+    {noreply, State#state{runner = Runner1}};
 handle_info({'EXIT', _, _}, State) ->
     %% An old port, already closed by us.
     {noreply, State};
 handle_info(start_program, #state{status = down} = State) ->
     {noreply, start_program(State)};
 handle_info(ping, #state{status = up} = State) ->
-    Deadline = now_ms() + State#state.call_timeout,
-    State1 = State#state{ping_timer = undefined},
-    case send_request(ping, <<"ping">>, #{}, Deadline, State1) of
-        {ok, State2} -> {noreply, State2};
-        {error, _} -> {noreply, schedule_ping(State1)}
-    end;
+    {noreply, ping(State#state{ping_timer = undefined})};
 handle_info(sweep, State) ->
     schedule_sweep(State),
     {noreply, sweep(State)};
@@ -237,19 +242,23 @@ start_program(#state{command = [Exe | Args]} = State0) ->
         {ok, Path, Port, OsPid} ->
             ?LOG_INFO("roster-port ~ts/~B: started ~ts (os pid ~B)",
                       [State#state.host, State#state.index, Path, OsPid]),
+            Now = now_ms(),
             say_hello(State#state{port = Port, os_pid = OsPid, status = starting,
-                                  started_at = now_ms(), next_id = 1,
+                                  started_at = Now, next_id = 1,
+                                  written = 0, drained = 0, read_at = Now,
                                   frames = roster_port_frames:new(State#state.max_frame_bytes)});
         {error, Reason} ->
             program_down({cannot_start, Exe, Reason}, State)
     end.
 
-%% stream: the framing is roster_port_frames' (see the module doc).
+%% stream: the framing is roster_port_frames'; no busy limits: the port
+%% never suspends the worker (see the module doc).
 open_program(Exe, Args) ->
     try
         Path = executable(Exe),
         Port = open_port({spawn_executable, Path},
-                         [stream, binary, exit_status, use_stdio, hide, {args, Args}]),
+                         [stream, binary, exit_status, use_stdio, hide, {args, Args},
+                          {busy_limits_port, disabled}, {busy_limits_msgq, disabled}]),
         case erlang:port_info(Port, os_pid) of
             {os_pid, OsPid} -> {ok, Path, Port, OsPid};
             %% Closed already: nothing left to stop.
@@ -268,13 +277,13 @@ say_hello(State) ->
               <<"host">> => State#state.host, <<"node">> => State#state.node,
               <<"change_feed">> => State#state.feed,
               <<"max_frame_bytes">> => State#state.max_frame_bytes},
-    case send_request(hello, <<"hello">>, Hello, now_ms() + State#state.call_timeout,
-                      State) of
+    Deadline = now_ms() + State#state.call_timeout,
+    case send_request(hello, <<"hello">>, Hello, Deadline, State) of
         {ok, State1} ->
             State1;
         {error, frame_too_large} ->
-            Size = byte_size(roster_port_msgpack:encode([0, 1, <<"hello">>, Hello])),
-            program_down({hello_too_large, Size}, State);
+            {_, Frame} = encode_request(1, <<"hello">>, Hello, Deadline),
+            program_down({hello_too_large, byte_size(Frame)}, State);
         {error, Reason} ->
             program_down({hello_not_sent, Reason}, State)
     end.
@@ -297,10 +306,7 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
         {exit_status, _} -> ok;
         _ -> kill(OsPid)
     end,
-    %% Outside changes go unreported until the next feed is open; answers in
-    %% flight are lost (their writes may be in the store).
-    State#state.feed andalso roster_port_cache:set_live(State#state.cache, false),
-    roster_port_cache:invalidate_all(State#state.cache),
+    roster_port_cache:program_down(State#state.cache, State#state.feed),
     fail_callers(State),
     {Kept, KeptLen} = requeue_replays(State),
     cancel_ping(State),
@@ -318,7 +324,7 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
     log_down(Why, Backoff, State),
     erlang:send_after(Backoff, self(), start_program),
     State#state{status = down, port = undefined, os_pid = undefined, frames = undefined,
-                pending = #{}, timeouts = 0, ping_timer = undefined,
+                pending = #{}, ping_timer = undefined,
                 feed_check = false,
                 kept = Kept, kept_len = KeptLen,
                 backoff = min(Backoff * 2, State#state.max_backoff)}.
@@ -334,6 +340,15 @@ log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid,
             ?LOG_ERROR("roster-port ~ts/~B: program (os pid ~p) does not answer "
                        "(~ts); killed it, restarting it in ~B ms",
                        [Host, I, OsPid, What, Backoff]);
+        {stdin_unread, Ms} ->
+            ?LOG_ERROR("roster-port ~ts/~B: the program (os pid ~p) has not read its "
+                       "stdin for ~B ms; killing it, restarting it in ~B ms",
+                       [Host, I, OsPid, Ms, Backoff]);
+        {stdin_full, Bytes} ->
+            ?LOG_ERROR("roster-port ~ts/~B: the program (os pid ~p) leaves ~B bytes "
+                       "unread on its stdin (over 2 x max_frame_bytes); killing it, "
+                       "restarting it in ~B ms",
+                       [Host, I, OsPid, Bytes, Backoff]);
         {unsupported_protocol, Message} ->
             ?LOG_ERROR("roster-port ~ts/~B: the program does not speak roster-port "
                        "protocol ~w (it says: ~ts); not using it, trying again "
@@ -393,38 +408,72 @@ requeue_replays(#state{pending = Pending, kept = Kept, kept_len = Len}) ->
     Front = queue:from_list([{Op, Args} || {_, Op, Args} <- Replays]),
     {queue:join(Front, Kept), Len + queue:len(Front)}.
 
+
 %%%===================================================================
 %%% Requests and answers
 %%%===================================================================
 
+%% timeout_ms: what is left of the caller's wait when the frame is written.
+encode_request(Id, Op, Args, Deadline) ->
+    Message = [0, Id, Op, Args#{<<"timeout_ms">> => max(0, Deadline - now_ms())}],
+    {Message, roster_port_msgpack:encode(Message)}.
+
 send_request(Kind, Op, Args, Deadline, #state{port = Port, next_id = Id} = State) ->
-    Message = [0, Id, Op, Args],
-    Frame = roster_port_msgpack:encode(Message),
-    if byte_size(Frame) > State#state.max_frame_bytes ->
+    {Message, Frame} = encode_request(Id, Op, Args, Deadline),
+    Size = byte_size(Frame),
+    if Size > State#state.max_frame_bytes ->
             case Kind of
                 hello ->
                     ok;  % say_hello/1 logs it, with what it means
                 _ ->
                     ?LOG_ERROR("roster-port ~ts/~B: request ~ts of ~B bytes is over "
                                "max_frame_bytes; not sent",
-                               [State#state.host, State#state.index, Op, byte_size(Frame)])
+                               [State#state.host, State#state.index, Op, Size])
             end,
             {error, frame_too_large};
        true ->
-            invalidate_if_writes(Op, Args, State),
-            try port_command(Port, roster_port_frames:encode(Frame)) of
+            roster_port_cache:request_sent(State#state.cache, Op, Args),
+            %% Never false nor suspending: the port has no busy limits.
+            try erlang:port_command(Port, roster_port_frames:encode(Frame), [nosuspend]) of
                 true ->
                     roster_port_transcript:record(State#state.transcript, in,
                                                   State#state.index, Message),
                     Pending = maps:put(Id, {Kind, Op, Args, Deadline},
                                        State#state.pending),
-                    {ok, State#state{next_id = Id + 1, pending = Pending}}
+                    {ok, State#state{next_id = Id + 1, pending = Pending,
+                                     written = State#state.written + Size + 4}};
+                false ->
+                    {error, unavailable}
             catch error:badarg ->
                     %% The program has just exited; its exit_status message
                     %% is on its way and will restart it.
                     {error, unavailable}
             end
     end.
+
+%% Whether the program reads what is written to its stdin (module doc).
+watch_stdin(#state{port = Port} = State) when Port /= undefined ->
+    Now = now_ms(),
+    case erlang:port_info(Port, queue_size) of
+        {queue_size, 0} ->
+            State#state{drained = State#state.written, read_at = Now};
+        {queue_size, Queued} when Queued > 2 * State#state.max_frame_bytes ->
+            program_down({stdin_full, Queued}, State);
+        {queue_size, Queued} ->
+            case State#state.written - Queued of
+                Drained when Drained > State#state.drained ->
+                    State#state{drained = Drained, read_at = Now};
+                _ when Now - State#state.read_at > State#state.call_timeout ->
+                    program_down({stdin_unread, Now - State#state.read_at}, State);
+                _ ->
+                    State
+            end;
+        undefined ->
+            %% Gone: its exit is on its way.
+            State
+    end;
+watch_stdin(State) ->
+    State.
 
 %% The frames of one read, in order, while they come from the program that
 %% is running: once it is down (a refused hello), the rest mean nothing.
@@ -456,18 +505,25 @@ handle_message([1, Id, Error, Result], State) when is_integer(Id) ->
             end,
     case maps:take(Id, State#state.pending) of
         {{_, Op, Args, _} = Entry, Pending} ->
-            invalidate_if_writes(Op, Args, State),
-            answered(Entry, Reply, State#state{pending = Pending, timeouts = 0});
+            roster_port_cache:answer_received(State#state.cache, Op, Args),
+            answered(Entry, Reply, refused(Reply, Op, Args, State#state{pending = Pending}));
         error ->
             case maps:take(Id, State#state.late) of
                 {{Op, Args}, Late} ->
-                    invalidate_if_writes(Op, Args, State),
-                    to_runner({late, Op, Args, Reply}, State),
-                    State#state{late = Late};
+                    roster_port_cache:answer_received(State#state.cache, Op, Args),
+                    case refused(Reply) of
+                        timeout ->
+                            %% Never started: nothing to carry out.
+                            ok;
+                        _ ->
+                            roster_port_effects:run(State#state.runner,
+                                                    {late, Op, Args, Reply})
+                    end,
+                    refused(Reply, Op, Args, State#state{late = Late});
                 error ->
                     %% Forgotten (too many late answers): whatever it wrote
                     %% is unknown.
-                    roster_port_cache:invalidate_all(State#state.cache),
+                    roster_port_cache:answer_lost(State#state.cache),
                     ?LOG_WARNING("roster-port ~ts/~B: answer to unknown request ~p",
                                  [State#state.host, State#state.index, Id]),
                     State
@@ -475,13 +531,8 @@ handle_message([1, Id, Error, Result], State) when is_integer(Id) ->
     end;
 handle_message([2, Name, Params], State) when is_binary(Name), is_map(Params) ->
     %% Before anything else reads the user's roster from the cache.
-    case {Name, maps:get(<<"user">>, Params, undefined)} of
-        {<<"roster_changed">>, User} when is_binary(User) ->
-            roster_port_cache:invalidate(State#state.cache, User);
-        _ ->
-            roster_port_cache:invalidate_all(State#state.cache)
-    end,
-    to_runner({notification, Name, Params}, State),
+    roster_port_cache:notification_received(State#state.cache, Name, Params),
+    roster_port_effects:run(State#state.runner, {notification, Name, Params}),
     State;
 handle_message(Other, State) ->
     %% Depth-limited: the message may be megabytes of anything.
@@ -489,15 +540,27 @@ handle_message(Other, State) ->
                [State#state.host, State#state.index, Other, 12]),
     State.
 
+%% The program's refusals: nothing was done (protocol.md). The caller gets
+%% the error as any other; they are counted for the log, never taken as a
+%% sign that the program hangs.
+refused({error, {program, #{<<"code">> := <<"timeout">>}}}) -> timeout;
+refused({error, {program, #{<<"code">> := <<"overloaded">>}}}) -> overloaded;
+refused(_Reply) -> false.
+
+refused(Reply, Op, Args, State) ->
+    case refused(Reply) of
+        false -> State;
+        Why -> trouble(Why, Op, Args, State)
+    end.
+
 answered({{caller, From}, _Op, _Args, _Deadline}, Reply, State) ->
     gen_server:reply(From, Reply),
     State;
 answered({replay, Op, Args, _Deadline}, Reply, State) ->
-    to_runner({replayed, Op, Args, Reply}, State),
+    roster_port_effects:run(State#state.runner, {replayed, Op, Args, Reply}),
     State;
 answered({ping, _, _, _}, {ok, _}, #state{feed_check = true} = State) ->
-    roster_port_cache:invalidate_all(State#state.cache),
-    roster_port_cache:set_live(State#state.cache, true),
+    roster_port_cache:feed_open(State#state.cache),
     ?LOG_INFO("roster-port ~ts/~B: the program reports changes made outside this "
               "node; the read cache is on",
               [State#state.host, State#state.index]),
@@ -521,9 +584,7 @@ hello_answered({ok, #{<<"protocol">> := Protocol} = Result}, State) ->
                       [State#state.host, State#state.index,
                        maps:get(<<"program">>, Result, <<"?">>), Protocol,
                        lists:join(<<" ">>, [K || {K, true} <- lists:sort(maps:to_list(Caps))])]),
-            %% The new program may not have seen what the old one was
-            %% answering when it went down.
-            roster_port_cache:invalidate_all(State#state.cache),
+            roster_port_cache:program_up(State#state.cache),
             State1 = check_feed(Caps, State#state{status = up}),
             replay_kept(State1);
         false ->
@@ -542,11 +603,7 @@ hello_answered(Other, State) ->
 check_feed(Caps, #state{feed = true, cache = Cache} = State) when Cache /= undefined ->
     case maps:get(<<"notifications">>, Caps, false) of
         true ->
-            case send_request(ping, <<"ping">>, #{}, now_ms() + State#state.call_timeout,
-                              State) of
-                {ok, State1} -> State1#state{feed_check = true};
-                {error, _} -> schedule_ping(State)
-            end;
+            (ping(State))#state{feed_check = true};
         _ ->
             ?LOG_WARNING("roster-port ~ts/~B: the program does not report changes made "
                          "outside this node (capabilities.notifications is not true); "
@@ -584,43 +641,42 @@ keep(Op, Args, #state{kept = Kept, kept_len = Len} = State) ->
     State#state{kept = queue:in({Op, Args}, Kept), kept_len = Len + 1}.
 
 %%%===================================================================
-%%% Deadlines
+%%% Deadlines and pings
 %%%===================================================================
 
-%% Requests past their deadline: a caller's is remembered as late (its
-%% caller has already been told {error, timeout}); a hello or ping past its
-%% deadline, or a run of timeouts, means the program hangs.
+%% The stdin first (a program that does not read cannot answer either),
+%% then the requests past their deadline: a hello or a ping means the
+%% program hangs; any other is remembered as late (its caller has already
+%% been told {error, timeout}) and probed with a ping.
 sweep(#state{status = down} = State) ->
-    State;
-sweep(#state{pending = Pending} = State) ->
-    Now = now_ms(),
-    Expired = lists:sort([{Id, E} || {Id, {_, _, _, Deadline} = E} <- maps:to_list(Pending),
-                                     Deadline < Now]),
-    sweep_expired(Expired, State).
-
-sweep_expired([], State) ->
-    State;
-sweep_expired([{_Id, {Kind, _, _, _}} | _], State) when Kind == hello; Kind == ping ->
-    program_down({hung, io_lib:format("no answer to ~ts within ~B ms",
-                                      [Kind, State#state.call_timeout])}, State);
-sweep_expired([{Id, {_Kind, Op, Args, _}} | Rest], State) ->
-    %% When (and whether) the program will carry it out is unknown now.
-    case roster_port_cache:writes(Op, Args) of
-        true -> roster_port_cache:invalidate_all(State#state.cache);
-        false -> ok
-    end,
-    ?LOG_WARNING("roster-port ~ts/~B: no answer to request ~B (~ts ~p) within ~B ms",
-                 [State#state.host, State#state.index, Id, Op, Args,
-                  State#state.call_timeout]),
-    State1 = remember_late(Id, Op, Args,
-                           State#state{pending = maps:remove(Id, State#state.pending),
-                                       timeouts = State#state.timeouts + 1}),
-    if State1#state.timeouts >= ?MAX_TIMEOUTS ->
-            program_down({hung, io_lib:format("~B requests in a row without answer",
-                                              [State1#state.timeouts])}, State1);
-       true ->
-            sweep_expired(Rest, State1)
+    log_trouble(State);
+sweep(State0) ->
+    case watch_stdin(State0) of
+        #state{status = down} = State ->
+            log_trouble(State);
+        State ->
+            Now = now_ms(),
+            Expired = lists:sort([{Id, E} || {Id, {_, _, _, Deadline} = E}
+                                                 <- maps:to_list(State#state.pending),
+                                             Deadline < Now]),
+            case [Kind || {_, {Kind, _, _, _}} <- Expired, Kind == hello orelse Kind == ping] of
+                [Kind | _] ->
+                    program_down({hung, io_lib:format("no answer to ~ts within ~B ms",
+                                                      [Kind, State#state.call_timeout])},
+                                 State);
+                [] when Expired == [] ->
+                    log_trouble(State);
+                [] ->
+                    State1 = lists:foldl(fun expired/2, State, Expired),
+                    log_trouble(probe(State1))
+            end
     end.
+
+expired({Id, {_Kind, Op, Args, _}}, State) ->
+    roster_port_cache:request_expired(State#state.cache, Op, Args),
+    remember_late(Id, Op, Args,
+                  trouble(no_answer, Op, Args,
+                          State#state{pending = maps:remove(Id, State#state.pending)})).
 
 remember_late(Id, Op, Args, #state{late = Late, late_ids = Ids} = State) ->
     Ids1 = queue:in(Id, Ids),
@@ -631,6 +687,22 @@ remember_late(Id, Op, Args, #state{late = Late, late_ids = Ids} = State) ->
             State#state{late = maps:remove(Old, Late1), late_ids = Ids2};
         false ->
             State#state{late = Late1, late_ids = Ids1}
+    end.
+
+%% A ping at once, unless one is in flight: its answer within call_timeout
+%% proves the program reads and writes.
+probe(#state{pending = Pending} = State) ->
+    case [x || {ping, _, _, _} <- maps:values(Pending)] of
+        [] -> ping(State);
+        _ -> State
+    end.
+
+ping(State) ->
+    cancel_ping(State),
+    Deadline = now_ms() + State#state.call_timeout,
+    case send_request(ping, <<"ping">>, #{}, Deadline, State#state{ping_timer = undefined}) of
+        {ok, State1} -> State1;
+        {error, _} -> schedule_ping(State)
     end.
 
 schedule_sweep(#state{call_timeout = T}) ->
@@ -645,43 +717,42 @@ cancel_ping(#state{ping_timer = Ref}) ->
     _ = erlang:cancel_timer(Ref),
     ok.
 
-%%%===================================================================
-%%% The effects runner
-%%%===================================================================
+%% Requests without answer and the program's refusals are counted and
+%% logged at most once per TROUBLE_LOG_MS: a burst must not flood the log.
+trouble(Why, Op, Args, #state{trouble = Counts} = State) ->
+    State#state{trouble = maps:update_with(Why, fun(N) -> N + 1 end, 1, Counts),
+                trouble_last = {Op, maps:get(<<"user">>, Args, undefined)}}.
 
-to_runner(Event, #state{runner = Runner}) ->
-    Runner ! {event, Event},
-    ok.
-
-start_runner(#state{host = Host, index = Index, handler = Handler}) ->
-    proc_lib:spawn_link(fun() -> runner_loop(Host, Index, Handler) end).
-
-runner_loop(Host, Index, Handler) ->
-    receive
-        {event, Event} ->
-            try run_handler(Handler, Event)
-            catch Class:Reason:Stack ->
-                    ?LOG_ERROR("roster-port ~ts/~B: carrying out ~p failed: ~p:~p ~p",
-                               [Host, Index, Event, Class, Reason, Stack])
-            end,
-            runner_loop(Host, Index, Handler)
+log_trouble(#state{trouble = Counts} = State) when map_size(Counts) == 0 ->
+    State;
+log_trouble(#state{trouble_logged_at = At} = State) ->
+    Now = now_ms(),
+    case At == undefined orelse Now - At >= ?TROUBLE_LOG_MS of
+        true -> do_log_trouble(Now, State);
+        false -> State
     end.
 
-run_handler(undefined, _Event) -> ok;
-run_handler({M, F, A}, Event) -> apply(M, F, A ++ [Event]).
+do_log_trouble(Now, #state{trouble = Counts, trouble_last = {Op, User}} = State) ->
+    Texts = [io_lib:format(Format, [N, plural(N) | FArgs])
+             || {Why, Format, FArgs} <-
+                    [{no_answer, "~B request~ts without answer within ~B ms",
+                      [State#state.call_timeout]},
+                     {overloaded, "~B request~ts refused by the program as overloaded", []},
+                     {timeout, "~B request~ts not started by the program before their "
+                      "deadline", []}],
+                N <- [maps:get(Why, Counts, 0)], N > 0],
+    ?LOG_WARNING("roster-port ~ts/~B: ~ts (the last: ~ts for ~ts); their callers got "
+                 "safe answers",
+                 [State#state.host, State#state.index, lists:join(", ", Texts), Op,
+                  case User of undefined -> <<"?">>; _ -> User end]),
+    State#state{trouble = #{}, trouble_logged_at = Now}.
+
+plural(1) -> "";
+plural(_) -> "s".
 
 %%%===================================================================
 %%% Helpers
 %%%===================================================================
-
-invalidate_if_writes(Op, #{<<"user">> := User} = Args, #state{cache = Cache})
-  when Cache /= undefined ->
-    case roster_port_cache:writes(Op, Args) of
-        true -> roster_port_cache:invalidate(Cache, User);
-        false -> ok
-    end;
-invalidate_if_writes(_Op, _Args, _State) ->
-    ok.
 
 now_ms() ->
     erlang:monotonic_time(millisecond).

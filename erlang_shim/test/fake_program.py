@@ -2,32 +2,44 @@
 
 It speaks the protocol's framing and message shapes (4-byte length + one
 msgpack value; [0, id, op, args] in, [1, id, error, result] and
-[2, name, params] out) with real msgpack, and serves test ops:
+[2, name, params] out) with real msgpack, and protocol 2's concurrency:
+requests of one user run one at a time, in order, in that user's thread;
+different users' run at the same time. A request whose args lack an integer
+"timeout_ms" is answered bad_request; one whose deadline (read time +
+timeout_ms) has passed when its turn comes is answered "timeout"; one that
+arrives while --max-in-flight N (default 1000) requests are in flight is
+answered "overloaded".
+
+Answered at once by the reading loop:
   hello, ping          as protocol.md says (argv "--protocol N" changes the
                        protocol it claims; "--refuse" answers
                        unsupported_protocol); capabilities.notifications
-                       is the hello's change_feed
+                       is the hello's change_feed; ping's result has
+                       in_flight and running
   hello_args           result {"effects": [], "hello": the hello's args}
-  out_subscription {"ms"}  a writing op: answers after ms (default 0)
-                       milliseconds, in a thread
-  echo                 result {"effects": [], "args": args}
-  sleep {"ms"}         answers after ms milliseconds, in a thread, so later
-                       requests overtake it
+  seen                 result {"effects": [], "seen": [[op, timeout_ms]] of
+                       every request read so far}
   die {"status"}       exits at once with that status
   hang                 stops answering anything (pings included)
-  close_stdin          closes its stdin, then answers, and runs on reading
-                       nothing: the shim's next write fails with epipe, as
+  close_stdin          closes its stdin, then answers, and reads nothing
+                       more: the shim's next write fails with epipe, as
                        when it writes to a program that has just died
-  notify {"user"}      sends a roster_changed notification, then answers
   garbage {"bytes"}    writes these bytes (a msgpack bin) to stdout as they
                        are, as a stray print or a corrupt writer would, and
                        answers nothing
+Run in the user's thread:
+  echo                 result {"effects": [], "args": args, "pid": os pid}
+  sleep {"ms"}         answers {"slept": ms} after ms milliseconds (a slow
+                       database call: the user's next requests wait)
+  out_subscription {"ms"}  a writing op: answers after ms (default 0)
+  notify               sends a roster_changed notification, then answers
   dribble              answers like echo, one byte per write, so the answer
                        reaches the shim split across many reads
 argv "--tag WORD" is ignored: a test finds its own programs by it in
 /proc/*/cmdline.
 """
 import os
+import queue
 import struct
 import sys
 import threading
@@ -36,11 +48,16 @@ import time
 import msgpack
 
 out_lock = threading.Lock()
+count_lock = threading.Lock()
 hanging = threading.Event()
 args = sys.argv[1:]
-protocol = int(args[args.index("--protocol") + 1]) if "--protocol" in args else 1
+protocol = int(args[args.index("--protocol") + 1]) if "--protocol" in args else 2
+max_in_flight = int(args[args.index("--max-in-flight") + 1]) if "--max-in-flight" in args else 1000
 refuse = "--refuse" in args
 hello_args = {}
+seen = []
+counts = {"in_flight": 0, "running": 0}
+users = {}
 
 
 def write(message):
@@ -60,34 +77,33 @@ def answer(msgid, result=None, error=None):
         write([1, msgid, error, result])
 
 
-def serve(msgid, op, a):
+def error(code, message=""):
+    return {"code": code, "message": message, "stanza_error": None}
+
+
+def count(key, n):
+    with count_lock:
+        counts[key] += n
+
+
+def serve_inline(msgid, op, a):
+    """The reading loop's own ops; False when op is not one of them."""
     if op == "hello":
         if refuse:
-            answer(msgid, error={"code": "unsupported_protocol",
-                                 "message": "this program speaks protocol 99",
-                                 "stanza_error": None})
+            answer(msgid, error=error("unsupported_protocol", "this program speaks protocol 99"))
         else:
             hello_args.update(a)
             answer(msgid, {"protocol": protocol, "program": "fake",
                            "capabilities": {"versioning": True,
                                             "notifications": bool(a.get("change_feed"))},
                            "effects": []})
+    elif op == "ping":
+        with count_lock:
+            answer(msgid, {"effects": [], **counts})
     elif op == "hello_args":
         answer(msgid, {"effects": [], "hello": hello_args})
-    elif op == "ping":
-        answer(msgid, {"effects": []})
-    elif op == "echo":
-        answer(msgid, {"effects": [], "args": a, "pid": os.getpid()})
-    elif op == "out_subscription":
-        def written():
-            time.sleep(a.get("ms", 0) / 1000)
-            answer(msgid, {"effects": [], "route": True})
-        threading.Thread(target=written, daemon=True).start()
-    elif op == "sleep":
-        def later():
-            time.sleep(a["ms"] / 1000)
-            answer(msgid, {"effects": [], "slept": a["ms"]})
-        threading.Thread(target=later, daemon=True).start()
+    elif op == "seen":
+        answer(msgid, {"effects": [], "seen": seen})
     elif op == "die":
         sys.stdout.buffer.flush()
         os._exit(a.get("status", 3))
@@ -101,17 +117,62 @@ def serve(msgid, op, a):
         with out_lock:
             sys.stdout.buffer.write(a["bytes"])
             sys.stdout.buffer.flush()
+    else:
+        return False
+    return True
+
+
+def serve_queued(msgid, op, a):
+    if op == "echo":
+        answer(msgid, {"effects": [], "args": a, "pid": os.getpid()})
+    elif op == "sleep":
+        time.sleep(a["ms"] / 1000)
+        answer(msgid, {"effects": [], "slept": a["ms"]})
+    elif op == "out_subscription":
+        time.sleep(a.get("ms", 0) / 1000)
+        answer(msgid, {"effects": [], "route": True})
+    elif op == "notify":
+        write([2, "roster_changed", {"user": a["user"], "effects": [{"type": "test"}]}])
+        answer(msgid, {"effects": []})
     elif op == "dribble":
         body = msgpack.packb([1, msgid, None, {"effects": [], "args": a}], use_bin_type=True)
         with out_lock:
             for byte in struct.pack(">I", len(body)) + body:
                 sys.stdout.buffer.write(bytes([byte]))
                 sys.stdout.buffer.flush()
-    elif op == "notify":
-        write([2, "roster_changed", {"user": a["user"], "effects": [{"type": "test"}]}])
-        answer(msgid, {"effects": []})
     else:
-        answer(msgid, error={"code": "unknown_op", "message": op, "stanza_error": None})
+        answer(msgid, error=error("unknown_op", op))
+
+
+def user_loop(requests):
+    while True:
+        msgid, op, a, deadline = requests.get()
+        try:
+            if time.monotonic() > deadline:
+                answer(msgid, error=error("timeout", "deadline passed before its turn"))
+            else:
+                count("running", 1)
+                try:
+                    serve_queued(msgid, op, a)
+                finally:
+                    count("running", -1)
+        finally:
+            count("in_flight", -1)
+
+
+def dispatch(msgid, op, a, deadline):
+    with count_lock:
+        full = counts["in_flight"] >= max_in_flight
+        if not full:
+            counts["in_flight"] += 1
+    if full:
+        answer(msgid, error=error("overloaded", "%d requests in flight" % max_in_flight))
+        return
+    user = a.get("user")
+    if user not in users:
+        users[user] = queue.Queue()
+        threading.Thread(target=user_loop, args=(users[user],), daemon=True).start()
+    users[user].put((msgid, op, a, deadline))
 
 
 def main():
@@ -122,8 +183,14 @@ def main():
             return
         (size,) = struct.unpack(">I", head)
         message = msgpack.unpackb(stdin.read(size), raw=False)
+        read_at = time.monotonic()
         _, msgid, op, a = message
-        serve(msgid, op, a)
+        timeout_ms = a.get("timeout_ms")
+        seen.append([op, timeout_ms])
+        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:
+            answer(msgid, error=error("bad_request", "timeout_ms: %r" % (timeout_ms,)))
+        elif not serve_inline(msgid, op, a):
+            dispatch(msgid, op, a, read_at + timeout_ms / 1000)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,12 @@ pool_test_() ->
       {"requests are pipelined and matched by id", fun pipelining/0},
       {"a call past its deadline gets timeout, the late answer is dropped",
        fun deadline/0},
+      {"one user's request slower than call_timeout: the other users' requests are "
+       "answered, the program is not restarted", fun slow_user/0},
+      {"the hello offers protocol 2; every request carries a sane timeout_ms",
+       fun timeout_ms/0},
       {"a dead program is restarted; calls are unavailable at once meanwhile",
        fun restart_after_death/0},
-      {"a hung program is killed and restarted", fun hung_program/0},
       {"a write that fails with epipe (no exit status follows): logged as such, "
        "the program killed and restarted", fun closed_stdin/0},
       {"kept requests are replayed when the program is back", fun replay/0},
@@ -117,18 +120,20 @@ pool_test_() ->
 echo() ->
     ?assertMatch(#{<<"versioning">> := true}, roster_port_pool:capabilities(?HOST)),
     {ok, #{<<"args">> := Args}} = call(<<"a@x">>, <<"echo">>, #{<<"k">> => [1, nil]}),
-    ?assertEqual(#{<<"k">> => [1, nil], <<"user">> => <<"a@x">>}, Args).
+    ?assertEqual(#{<<"k">> => [1, nil], <<"user">> => <<"a@x">>},
+                 maps:remove(<<"timeout_ms">>, Args)).
 
 pipelining() ->
     Self = self(),
-    %% The slow request goes first; the fast ones overtake it on the same
-    %% worker, which proves several are in flight at once.
+    %% The slow request goes first; the other users' fast ones overtake it
+    %% on the same worker, which proves several are in flight at once.
     Slow = spawn_link(fun() ->
                               Self ! {slow, call(<<"a@x">>, <<"sleep">>, #{<<"ms">> => 250})}
                       end),
-    timer:sleep(30),
+    ok = wait_until(fun() -> maps:get(pending, worker_status(<<"a@x">>)) >= 1 end, 1000),
     T0 = erlang:monotonic_time(millisecond),
-    [{ok, _} = call(<<"a@x">>, <<"echo">>, #{<<"n">> => N}) || N <- lists:seq(1, 20)],
+    [{ok, _} = call(U, <<"echo">>, #{<<"n">> => N})
+     || {N, U} <- lists:zip(lists:seq(1, 20), same_worker_users(<<"a@x">>, 20))],
     Fast = erlang:monotonic_time(millisecond) - T0,
     ?assert(Fast < 200),
     receive {slow, R} -> ?assertMatch({ok, #{<<"slept">> := 250}}, R)
@@ -154,6 +159,72 @@ deadline() ->
     %% One timeout is not a hang: the same program still serves.
     ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
 
+%% One user's request is slower than call_timeout (a row lock held by
+%% another application): that caller and the user's requests queued behind
+%% it get {error, timeout}; every other user's request on the same worker,
+%% sent before and after that deadline, is answered; the program is not
+%% restarted. The slow request's late answer is still carried out; its
+%% followers' late answers are `timeout` (never started): nothing to carry
+%% out.
+slow_user() ->
+    listen(),
+    Slow = <<"slow@x">>,
+    {Wave1, Wave2} = lists:split(6, same_worker_users(Slow, 10)),
+    #{starts := Starts, os_pid := Pid} = worker_status(Slow),
+    Self = self(),
+    Ask = fun(Tag, User, Op, Args) ->
+                  spawn_link(fun() -> Self ! {Tag, User, call(User, Op, Args)} end)
+          end,
+    Ask(slow, Slow, <<"sleep">>, #{<<"ms">> => 3 * ?TIMEOUT}),
+    ok = wait_until(fun() -> maps:get(pending, worker_status(Slow)) >= 1 end, 1000),
+    [Ask(follower, Slow, <<"echo">>, #{<<"n">> => N}) || N <- lists:seq(1, 5)],
+    ok = wait_until(fun() -> maps:get(pending, worker_status(Slow)) >= 6 end, 1000),
+    [Ask(other, U, <<"sleep">>, #{<<"ms">> => 50 * I})
+     || {I, U} <- lists:zip(lists:seq(1, length(Wave1)), Wave1)],
+    receive {slow, Slow, R} -> ?assertEqual({error, timeout}, R)
+    after 2 * ?TIMEOUT -> error(no_slow_answer)
+    end,
+    [receive {follower, Slow, F} -> ?assertEqual({error, timeout}, F)
+     after ?TIMEOUT -> error(no_follower_answer)
+     end || _ <- lists:seq(1, 5)],
+    %% Past the slow request's deadline, while it still runs.
+    [Ask(other, U, <<"sleep">>, #{<<"ms">> => 100}) || U <- Wave2],
+    Others = [receive {other, U, A} -> {U, A} after 2 * ?TIMEOUT -> error(no_answer) end
+              || _ <- Wave1 ++ Wave2],
+    ?assertEqual([], [UA || {_, A} = UA <- Others, element(1, A) /= ok]),
+    receive {pool_event, {late, <<"sleep">>, #{<<"user">> := Slow}, {ok, _}}} -> ok
+    after 3 * ?TIMEOUT -> error(no_late_event)
+    end,
+    %% The user's requests are answered in order, and the runner carries out
+    %% events in order: once this notification is in, so would be any late
+    %% event of the followers.
+    {ok, _} = call(Slow, <<"notify">>, #{}),
+    receive {pool_event, {notification, _, _}} -> ok after 1000 -> error(no_notification)
+    end,
+    receive {pool_event, {late, <<"echo">>, _, _} = E} -> error({carried_out, E})
+    after 0 -> ok
+    end,
+    ?assertMatch(#{starts := Starts, os_pid := Pid, status := up}, worker_status(Slow)).
+
+%% Protocol 2: the hello offers [2]; every request, hello and pings
+%% included, carries timeout_ms, what is left of call_timeout (the fake
+%% program answers bad_request to a request without it).
+timeout_ms() ->
+    {ok, #{<<"hello">> := Hello}} = call(<<"a@x">>, <<"hello_args">>, #{}),
+    ?assertMatch(#{<<"protocols">> := [2]}, Hello),
+    {ok, #{<<"args">> := #{<<"timeout_ms">> := T}}} = call(<<"a@x">>, <<"echo">>, #{}),
+    ?assert(is_integer(T) andalso T > ?TIMEOUT - 100 andalso T =< ?TIMEOUT),
+    Seen = fun() ->
+                   {ok, #{<<"seen">> := S}} = call(<<"a@x">>, <<"seen">>, #{}),
+                   S
+           end,
+    ok = wait_until(fun() -> lists:keymember(<<"ping">>, 1, [list_to_tuple(E) || E <- Seen()])
+                    end, 2000),
+    Ops = lists:usort([Op || [Op, _] <- Seen()]),
+    ?assertEqual([<<"echo">>, <<"hello">>, <<"hello_args">>, <<"ping">>, <<"seen">>], Ops),
+    ?assertEqual([], [E || [_, Ms] = E <- Seen(),
+                           not (is_integer(Ms) andalso Ms >= 0 andalso Ms =< ?TIMEOUT)]).
+
 restart_after_death() ->
     #{os_pid := Pid1} = worker_status(<<"a@x">>),
     ?assertEqual({error, unavailable}, call(<<"a@x">>, <<"die">>, #{<<"status">> => 7})),
@@ -164,16 +235,6 @@ restart_after_death() ->
     ok = wait_until(fun() -> maps:get(status, worker_status(<<"a@x">>)) == up end, 3000),
     #{os_pid := Pid2} = worker_status(<<"a@x">>),
     ?assertNotEqual(Pid1, Pid2),
-    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
-
-hung_program() ->
-    #{os_pid := Pid1} = worker_status(<<"a@x">>),
-    ?assertEqual({error, timeout}, call(<<"a@x">>, <<"hang">>, #{})),
-    %% The next ping gets no answer either: killed, then restarted.
-    ok = wait_until(fun() -> maps:get(os_pid, worker_status(<<"a@x">>)) /= Pid1
-                                 andalso maps:get(status, worker_status(<<"a@x">>)) == up
-                    end, 5000),
-    ?assertNot(filelib:is_dir("/proc/" ++ integer_to_list(Pid1))),
     ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
 
 %% The program closes its stdin and runs on: the next write to it (the
@@ -362,7 +423,7 @@ transcript_test_() ->
                         Records = decode_stream(Bin),
                         %% hello out and back, then the echo out and back.
                         ?assertMatch([[<<"in">>, 1, _, [0, 1, <<"hello">>, _]],
-                                      [<<"out">>, 1, _, [1, 1, nil, #{<<"protocol">> := 1}]],
+                                      [<<"out">>, 1, _, [1, 1, nil, #{<<"protocol">> := 2}]],
                                       [<<"in">>, 1, _, [0, 2, <<"echo">>,
                                                         #{<<"k">> := 1, <<"user">> := <<"a@x">>}]],
                                       [<<"out">>, 1, _, [1, 2, nil, #{<<"args">> := _}]]
@@ -461,6 +522,165 @@ restart_invalidates() ->
     ?assertEqual(miss, roster_port_cache:lookup_roster(cache(), Feed)),
     ok = wait_until(fun() -> roster_port_cache:is_live(cache()) end, 3000),
     cached(Other).
+
+%% Other users of the worker that serves User.
+same_worker_users(User, N) ->
+    Names = roster_port_pool:worker_names(?HOST),
+    Want = erlang:phash2(User, length(Names)),
+    lists:sublist([U || I <- lists:seq(1, 100 * N),
+                        U <- [<<"o", (integer_to_binary(I))/binary, "@x">>],
+                        U /= User, erlang:phash2(U, length(Names)) == Want], N).
+
+worker_pid(User) ->
+    Names = roster_port_pool:worker_names(?HOST),
+    whereis(lists:nth(erlang:phash2(User, length(Names)) + 1, Names)).
+
+now_ms() ->
+    erlang:monotonic_time(millisecond).
+
+%%% Hang detection with no periodic ping in sight (ping_interval 60 s): a
+%%% request past its deadline sends a ping at once.
+
+probe_test_() ->
+    {foreach, fun() -> start_pool(#{ping_interval => 60000}) end, fun stop_pool/1,
+     [{"a program that stops answering is killed and restarted within two call "
+       "timeouts", fun hung_program/0},
+      {"a program that stops reading its stdin: the worker is never suspended, the "
+       "program is killed and restarted", fun stopped_program/0}]}.
+
+hung_program() ->
+    #{os_pid := Pid1} = worker_status(<<"a@x">>),
+    T0 = now_ms(),
+    ?assertEqual({error, timeout}, call(<<"a@x">>, <<"hang">>, #{})),
+    %% The probe gets no answer either: killed, then restarted.
+    ok = wait_until(fun() -> maps:get(os_pid, worker_status(<<"a@x">>)) /= Pid1 end,
+                    2 * ?TIMEOUT + 300 - (now_ms() - T0)),
+    ok = wait_until(fun() -> maps:get(status, worker_status(<<"a@x">>)) == up end, 5000),
+    ?assertEqual(false, wait_for(fun() -> filelib:is_dir("/proc/" ++ integer_to_list(Pid1)
+                                                         ++ "/fd") end, false, 2000)),
+    ?assertMatch({ok, _}, call(<<"a@x">>, <<"echo">>, #{})).
+
+%% SIGSTOP, then more than the pipe holds (64 KiB): the port's queue grows,
+%% the worker keeps answering (a port_command that suspends it would hang
+%% the status calls), the callers get errors by their deadline, and the
+%% program is killed within about two call timeouts.
+stopped_program() ->
+    User = <<"a@x">>,
+    W = worker_pid(User),
+    #{os_pid := Pid1, starts := Starts} = worker_status(User),
+    Blob = binary:copy(<<"x">>, 16384),
+    Self = self(),
+    Logged =
+        capture_log(
+          fun() ->
+                  [] = os:cmd("kill -STOP " ++ integer_to_list(Pid1)),
+                  T0 = now_ms(),
+                  [spawn_link(fun() ->
+                                      R = call(U, <<"echo">>, #{<<"blob">> => Blob}),
+                                      Self ! {answer, U, R, now_ms() - T0}
+                              end) || U <- [User | same_worker_users(User, 12)]],
+                  Responsive =
+                      fun() ->
+                              ?assertNotEqual({status, suspended}, process_info(W, status)),
+                              #{os_pid := P} = gen_server:call(W, status, 100),
+                              P /= Pid1
+                      end,
+                  ok = wait_until(Responsive, 2 * ?TIMEOUT + 300),
+                  ?assert(now_ms() - T0 < 2 * ?TIMEOUT + 300),
+                  Answers = [receive {answer, _, R, Ms} -> {R, Ms}
+                             after 2 * ?TIMEOUT -> error(no_answer)
+                             end || _ <- lists:seq(1, 13)],
+                  ?assertEqual([], [A || {R, Ms} = A <- Answers,
+                                         element(1, R) /= error orelse Ms > ?TIMEOUT + 100]),
+                  ok = wait_until(fun() -> Responsive() andalso all_up() end, 5000)
+          end),
+    ?assertMatch([_], [L || L <- Logged, string:find(L, "has not read its stdin for") /= nomatch]),
+    ?assertEqual(Starts + 1, starts(User)),
+    ?assertEqual(false, wait_for(fun() -> filelib:is_dir("/proc/" ++ integer_to_list(Pid1)
+                                                         ++ "/fd") end, false, 2000)),
+    ?assertMatch({ok, _}, call(User, <<"echo">>, #{})).
+
+%%% The program's refusals: `overloaded` (over its --max-in-flight) and
+%%% `timeout` (its deadline passed before its turn) are errors for the
+%%% callers, never a reason to restart, and a burst of them is one log line.
+
+refusals_test_() ->
+    {setup,
+     fun() -> start_pool(#{command => [python(), fake_program(), "--max-in-flight", "2"]}) end,
+     fun stop_pool/1,
+     fun(_) -> {timeout, 30, ?_test(refusals())} end}.
+
+refusals() ->
+    listen(),
+    Slow = <<"a@x">>,
+    #{starts := Starts, os_pid := Pid} = worker_status(Slow),
+    Self = self(),
+    Logged =
+        capture_log(
+          fun() ->
+                  spawn_link(fun() ->
+                                     Self ! {slow, call(Slow, <<"sleep">>, #{<<"ms">> => 2 * ?TIMEOUT})}
+                             end),
+                  ok = wait_until(fun() -> maps:get(pending, worker_status(Slow)) >= 1 end, 1000),
+                  %% Queued behind it: the program's second request in flight.
+                  spawn_link(fun() -> Self ! {follower, call(Slow, <<"echo">>, #{})} end),
+                  ok = wait_until(fun() -> maps:get(pending, worker_status(Slow)) >= 2 end, 1000),
+                  Refused = [call(U, <<"echo">>, #{}) || U <- same_worker_users(Slow, 20)],
+                  ?assertEqual([], [R || R <- Refused,
+                                         not is_code(R, <<"overloaded">>)]),
+                  receive {slow, R1} -> ?assertEqual({error, timeout}, R1)
+                  after 2 * ?TIMEOUT -> error(no_slow_answer)
+                  end,
+                  receive {follower, R2} -> ?assertEqual({error, timeout}, R2)
+                  after ?TIMEOUT -> error(no_follower_answer)
+                  end,
+                  receive {pool_event, {late, <<"sleep">>, _, {ok, _}}} -> ok
+                  after 3 * ?TIMEOUT -> error(no_late_event)
+                  end,
+                  %% The follower's late answer, `timeout`, came before this
+                  %% one (one user's answers in order), and was not carried out.
+                  {ok, _} = call(Slow, <<"notify">>, #{}),
+                  receive {pool_event, {notification, _, _}} -> ok
+                  after 1000 -> error(no_notification)
+                  end,
+                  receive {pool_event, {late, <<"echo">>, _, _} = E} -> error({carried_out, E})
+                  after 0 -> ok
+                  end
+          end),
+    %% Counted, and logged by a sweep since (one every 100 ms); the next
+    %% line may come 10 s later at the earliest.
+    ?assertMatch([_], [L || L <- Logged,
+                            string:find(L, "refused by the program as overloaded") /= nomatch]),
+    ?assertMatch(#{starts := Starts, os_pid := Pid, status := up}, worker_status(Slow)).
+
+is_code({error, {program, #{<<"code">> := Code}}}, Code) -> true;
+is_code(_, _) -> false.
+
+%% A program that answers a protocol the shim did not offer is not used,
+%% and the log says why.
+protocol_1_test_() ->
+    {timeout, 30,
+     ?_test(begin
+                process_flag(trap_exit, true),
+                Logged = capture_log(
+                           fun() ->
+                                   {ok, Sup} = roster_port_pool:start(
+                                                 ?HOST, #{command => [python(), fake_program(),
+                                                                      "--protocol", "1"],
+                                                          pool_size => 1, call_timeout => ?TIMEOUT}),
+                                   ok = wait_until(fun() ->
+                                                           #{starts := S, status := St} =
+                                                               worker_status(<<"a@x">>),
+                                                           S >= 1 andalso St == down
+                                                   end, 5000),
+                                   ?assertEqual({error, unavailable},
+                                                call(<<"a@x">>, <<"echo">>, #{})),
+                                   stop_pool(Sup)
+                           end),
+                ?assertMatch([_ | _], [L || L <- Logged,
+                                            string:find(L, "does not speak roster-port protocol "
+                                                           "[2] (it says: protocol 1)") /= nomatch])
+            end)}.
 
 decode_stream(<<>>) -> [];
 decode_stream(Bin) ->

@@ -17,7 +17,9 @@ Rules every adapter keeps (the contract suite in tests/store_contract.py checks 
 - An unreachable database raises `StoreUnavailable`, never a driver exception, and nothing is
   half-written.
 - SQL is always parameterised.
-- Scopes do not nest: one scope at a time per store instance.
+- Scopes do not nest: one scope at a time per thread. An instance whose `threads_share` is
+  true (a connection pool) runs the scopes of several threads at once; the program opens one
+  instance per thread of any other.
 - Every change is recorded by the database (triggers), stamped with the `origin` of the store
   that made it (the ejabberd node the program serves; nothing for other applications), so that
   `open_change_feed()` reports the changes of every other origin: other applications and other
@@ -205,6 +207,9 @@ class RosterStore(abc.ABC):
 
     read_only: bool = False
     origin: str = DEFAULT_ORIGIN  # set from the shim's hello: the ejabberd node served
+    # Whether threads may run scopes on this one instance at the same time (a connection pool).
+    # If not, the program opens one instance per thread.
+    threads_share: bool = True
 
     @abc.abstractmethod
     def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:

@@ -10,7 +10,7 @@ from ..config import Config, ConfigError
 from .base import RosterStore
 
 
-def _sqlite(options: dict[str, Any]) -> RosterStore:
+def _sqlite(options: dict[str, Any], config: Config) -> RosterStore:
     from .sqlite import SQLiteStore
 
     unknown = set(options) - {"backend", "path", "busy_timeout_ms"}
@@ -25,9 +25,14 @@ def _sqlite(options: dict[str, Any]) -> RosterStore:
     return SQLiteStore(path, busy_timeout_ms=busy_timeout_ms)
 
 
-def _postgres_connection_options(options: dict[str, Any], backend: str,
+def _postgres_connection_options(options: dict[str, Any], config: Config, backend: str,
                                  extra_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The options every PostgreSQL backend shares, checked: dsn, pool size, connect timeout."""
+    """The options every PostgreSQL backend shares, checked: dsn, pool size, connect timeout.
+
+    The pool is shared by the program's threads: by default it may open a connection for each
+    ([serve] threads) and one for the main thread (notifications of outside changes), so that
+    no request waits for a connection. A smaller pool_max makes requests queue for them.
+    """
     from .postgres import dsn_without_password
 
     unknown = set(options) - {"backend", "dsn", "pool_min", "pool_max", "connect_timeout_s"} - extra_keys
@@ -45,7 +50,8 @@ def _postgres_connection_options(options: dict[str, Any], backend: str,
         raise ConfigError("[store].dsn is not a valid PostgreSQL connection string or URI "
                           "(libpq cannot parse it)") from None
     pool_min = options.get("pool_min", 1)
-    pool_max = options.get("pool_max", 4)
+    pool_max = options.get("pool_max", max(pool_min if type(pool_min) is int else 1,
+                                           config.serve.threads + 1))
     for key, value in (("pool_min", pool_min), ("pool_max", pool_max)):
         if type(value) is not int or value < 1:
             raise ConfigError(f"[store].{key} must be a positive integer")
@@ -58,25 +64,31 @@ def _postgres_connection_options(options: dict[str, Any], backend: str,
             "connect_timeout_s": float(connect_timeout_s)}
 
 
-def _postgres(options: dict[str, Any]) -> RosterStore:
+def _lock_timeout_ms(options: dict[str, Any]) -> int:
+    lock_timeout_ms = options.get("lock_timeout_ms", 2000)
+    if type(lock_timeout_ms) is not int or lock_timeout_ms < 1:
+        raise ConfigError("[store].lock_timeout_ms must be a positive integer")
+    return lock_timeout_ms
+
+
+def _postgres(options: dict[str, Any], config: Config) -> RosterStore:
     from .postgres import PostgresStore
 
-    checked = _postgres_connection_options(options, "postgres")
-    return PostgresStore(checked.pop("dsn"), **checked)
+    checked = _postgres_connection_options(options, config, "postgres",
+                                           frozenset({"lock_timeout_ms"}))
+    return PostgresStore(checked.pop("dsn"), lock_timeout_ms=_lock_timeout_ms(options), **checked)
 
 
 def _postgres_mapped(options: dict[str, Any], config: Config) -> RosterStore:
     """The operator's own tables through a mapping (roster_port/store/mapped.py)."""
     from .mapped import MappedPostgresStore, MappingError, load_mapping
 
-    checked = _postgres_connection_options(options, "postgres_mapped",
+    checked = _postgres_connection_options(options, config, "postgres_mapped",
                                            frozenset({"mapping", "lock_timeout_ms"}))
     if "mapping" not in options:
         raise ConfigError("[store].mapping must name the mapping: a packaged one (\"ejabberd\"), "
                           "a file (relative to the configuration), or an inline [store.mapping]")
-    lock_timeout_ms = options.get("lock_timeout_ms", 2000)
-    if type(lock_timeout_ms) is not int or lock_timeout_ms < 1:
-        raise ConfigError("[store].lock_timeout_ms must be a positive integer")
+    lock_timeout_ms = _lock_timeout_ms(options)
     base_dir = Path(config.source).parent if Path(config.source).is_file() else None
     try:
         mapping = load_mapping(options["mapping"], base_dir)
@@ -90,8 +102,6 @@ def _postgres_mapped(options: dict[str, Any], config: Config) -> RosterStore:
 
 
 BACKENDS = {"sqlite": _sqlite, "postgres": _postgres, "postgres_mapped": _postgres_mapped}
-# Openers that also need the rest of the configuration (its file's directory, [roster]).
-_WANT_CONFIG = {"postgres_mapped"}
 
 
 def open_store(config: Config) -> RosterStore:
@@ -101,6 +111,4 @@ def open_store(config: Config) -> RosterStore:
         raise ConfigError(f"[store].backend {backend!r} is not one of {sorted(BACKENDS)}")
     # [roster].read_only is enforced by the roster logic, which answers clear XMPP errors;
     # the store itself stays writable so that a refusal never turns into a storage error.
-    if backend in _WANT_CONFIG:
-        return opener(config.store, config)
-    return opener(config.store)
+    return opener(config.store, config)

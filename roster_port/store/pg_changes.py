@@ -18,7 +18,12 @@ The feed. `PostgresChangeFeed` has a connection of its own (autocommit, never a 
 LISTENs on the channel. A notification only wakes it: the entries themselves are read from the
 table, so a notification lost while disconnected loses nothing. Each `read()`:
 
-1. drains the notifications received (they carry nothing we need);
+1. drains the notifications received; when the log's function sends the origins' wake-ups
+   (`WAKE_CHANNEL`, installed by this module since migration 5 of postgres.py), the feed
+   LISTENs there and stops at this step if every notification carries its own origin (its
+   node's own writes, which it would read nothing for), unless it last read more than
+   `READ_AT_LEAST_EVERY_S` ago (so that the snapshot P never lags far behind); with an older
+   function it LISTENs on `roster_port_changes` and reads at every wake-up;
 2. in one statement (one round trip; a statement sees one snapshot), takes that snapshot S
    (`pg_current_snapshot()`) and reads the entries not stamped with its own origin that were
    not visible in the previous read's snapshot P;
@@ -76,6 +81,11 @@ from roster_port.store.base import ChangeFeed, OutsideChange
 log = logging.getLogger(__name__)
 
 CHANNEL = "roster_port_changes"
+# The feeds' wake-ups: one notification per origin and transaction, the origin as payload
+# ('' for other applications), so that a feed can tell the wake-ups of its own node's writes,
+# which it would read nothing for, from the others'. CHANNEL (the user as payload) stays as
+# it is, for whoever else listens.
+WAKE_CHANNEL = "roster_port_change_origins"
 ORIGIN_SETTING = "roster_port.origin"
 ORIGIN_USER_SETTING = "roster_port.origin_user"
 # pg_advisory_xact_lock key held while installing: "rp_chlog" in ASCII, as a (positive) bigint.
@@ -154,10 +164,13 @@ def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
             VALUES (p_username, p_contact, p_old_subscription, p_new_subscription, v_origin);
             -- Delivered at commit, once per user and transaction (the server folds duplicates).
             PERFORM pg_notify({channel}, p_username);
+            -- The feeds' wake-up, once per origin and transaction.
+            PERFORM pg_notify({wake_channel}, left(coalesce(v_origin, ''), 1000));
         END
         $$
     """).format(schema=schema, setting=sql.Literal(ORIGIN_SETTING),
-                user_setting=sql.Literal(ORIGIN_USER_SETTING), channel=sql.Literal(CHANNEL)))
+                user_setting=sql.Literal(ORIGIN_USER_SETTING), channel=sql.Literal(CHANNEL),
+                wake_channel=sql.Literal(WAKE_CHANNEL)))
 
 
 # The feed's read (see _read_entries): this statement's snapshot S, and the entries not
@@ -187,6 +200,8 @@ class PostgresChangeFeed(ChangeFeed):
     RECONNECT_FIRST_DELAY_S = 0.5
     RECONNECT_MAX_DELAY_S = 5.0
     PASSES = 3  # reads in one read() while notifications keep coming
+    # Wake-ups of the feed's own origin only are not read for, unless the last read is older.
+    READ_AT_LEAST_EVERY_S = 1.0
 
     def __init__(self, dsn: str, *, origin: str, dsn_shown: str = "PostgreSQL",
                  connect_timeout_s: float = 2.0,
@@ -216,6 +231,10 @@ class PostgresChangeFeed(ChangeFeed):
         self._xmax: int | None = None
         self._xip: list[int] = []
         self._next_prune = time.monotonic() + self.PRUNE_EVERY_S
+        # Whether the connection LISTENs on WAKE_CHANNEL (the log's function sends it).
+        self._origin_wakeups = False
+        self._must_read = True  # connected anew, or notifications still coming: read
+        self._last_read = 0.0
         try:
             self._adopt(self._connect())
         except psycopg.Error as exc:
@@ -268,15 +287,20 @@ class PostgresChangeFeed(ChangeFeed):
                 self._adopt(connection)
                 log.info("change feed on %s: reconnected; reading what was logged meanwhile",
                          self.dsn_shown)
-            self._drain_notifications()
-            for _ in range(self.PASSES):
-                changes += self._read_entries()
-                if not self._drain_notifications():
-                    break
-            else:
-                # Still notified: read again after the serving loop had its turn (a busy
-                # database must not keep it from serving requests).
-                self._wake()
+            wanted = self._drain_notifications()
+            if (wanted or self._must_read
+                    or time.monotonic() - self._last_read >= self.READ_AT_LEAST_EVERY_S):
+                self._must_read = False
+                for _ in range(self.PASSES):
+                    changes += self._read_entries()
+                    self._last_read = time.monotonic()
+                    if not self._drain_notifications():
+                        break
+                else:
+                    # Still notified: read again after the serving loop had its turn (a busy
+                    # database must not keep it from serving requests).
+                    self._must_read = True
+                    self._wake()
             if time.monotonic() >= self._next_prune:
                 self._prune()
         except psycopg.Error as exc:
@@ -287,8 +311,12 @@ class PostgresChangeFeed(ChangeFeed):
         return changes
 
     def _drain_notifications(self) -> int:
+        """The notifications received that call for a read (not only our own origin's)."""
         assert self._connection is not None
-        return sum(1 for _ in self._connection.notifies(timeout=0))
+        if not self._origin_wakeups:
+            return sum(1 for _ in self._connection.notifies(timeout=0))
+        return sum(1 for notify in self._connection.notifies(timeout=0)
+                   if notify.payload != self.origin)
 
     def _read_entries(self) -> list[OutsideChange]:
         """The entries not visible in the previous snapshot; then this one becomes it.
@@ -353,7 +381,14 @@ class PostgresChangeFeed(ChangeFeed):
             # Statement and lock timeouts bound a prune waiting for another node's prune.
             connection.execute("SELECT set_config('lock_timeout', '2s', false), "
                                "set_config('statement_timeout', '30s', false)")
-            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            # The origins' wake-ups, if the log's function (of the schema the feed reads)
+            # sends them; the users' channel otherwise.
+            origin_wakeups = connection.execute(
+                "SELECT coalesce((SELECT position(%s in prosrc) > 0 FROM pg_proc WHERE oid = "
+                "to_regprocedure('roster_port_log_change(text, text, text, text)')), false)",
+                (WAKE_CHANNEL,)).fetchone()[0]
+            channel = WAKE_CHANNEL if origin_wakeups else CHANNEL
+            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             connection.close()
             raise
@@ -367,7 +402,16 @@ class PostgresChangeFeed(ChangeFeed):
             except BaseException:
                 connection.close()
                 raise
+        try:
+            # Which channel _connect chose.
+            self._origin_wakeups = connection.execute(
+                "SELECT %s = ANY(ARRAY(SELECT pg_listening_channels()))",
+                (WAKE_CHANNEL,)).fetchone()[0]
+        except BaseException:
+            connection.close()
+            raise
         self._connection = connection
+        self._must_read = True  # entries may have been logged while disconnected
         self._socket = connection.fileno()
         self._selector.register(self._socket, selectors.EVENT_READ)
         # Read at once: entries may have been logged while disconnected.

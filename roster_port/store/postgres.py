@@ -29,7 +29,8 @@ COMMIT, so an idle pooled connection never holds a transaction.
   process that LISTENs on the channel learns, at commit, whose roster changed, including changes
   made outside XMPP; a TRUNCATE notifies an empty payload, meaning "anyone's".
 - Every change of a row is also logged in `roster_port_changes` by other triggers (migration 4,
-  through `roster_port_log_change()`, see pg_changes.py), and each write transaction stamps its
+  through `roster_port_log_change()`, see pg_changes.py; since migration 5 the function also
+  wakes the feeds with the entry's origin), and each write transaction stamps its
   entries with the store's `origin` (set_origin()'s settings, transaction-local) in the
   statement that takes the user's lock. `open_change_feed()` returns a `PostgresChangeFeed`:
   a connection of its own, outside the pool, LISTENing on the channel and reading the entries
@@ -317,6 +318,13 @@ def _create_change_log(connection: psycopg.Connection, schema: sql.Identifier) -
     """)
 
 
+@_migration(5, "change_log_origin_wakeups")
+def _wake_feeds_by_origin(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    # roster_port_log_change() also notifies the feeds' channel with the entry's origin, so a
+    # feed is not woken to read for its own node's writes (pg_changes.py, WAKE_CHANNEL).
+    install_change_log(connection, schema)
+
+
 # --- Errors ---------------------------------------------------------------------------------
 
 # Besides OperationalError (connection failures, lock and statement timeouts, shutdowns): the
@@ -404,6 +412,16 @@ _LOCK_USER = ("INSERT INTO roster_versions AS versions (username) VALUES (%s) "
               "RETURNING counter, set_config('roster_port.origin', %s, true), "
               "set_config('roster_port.origin_user', %s, true)")
 assert "set_config('roster_port.origin', %s, true)" in SET_ORIGIN_SQL  # same setting names
+# Before the COMMIT of a scope that handed out a version it counted (see _PostgresTxn): fails
+# (division by zero, SQLSTATE 22012) unless the counter is what the scope counted, which makes
+# the COMMIT after it in the same pipeline a no-op and the transaction roll back.
+_CHECK_COUNTER = ("SELECT 1 / (SELECT count(*) FROM roster_versions "
+                  "WHERE username = %s AND counter = %s)::int")
+_COUNTER_MOVED_SQLSTATE = "22012"
+# The triggers of migrations 3 and 4: with no other trigger on roster_items or
+# roster_versions, every row changed adds exactly 1 to its user's counter.
+_OUR_TRIGGERS = ("roster_items_bump_versions", "roster_items_truncated",
+                 "roster_items_log_changes", "roster_items_log_truncate")
 
 
 class _PostgresTxn(RosterTxn):
@@ -412,9 +430,20 @@ class _PostgresTxn(RosterTxn):
     Statements and round trips are what a scope costs. The scope's opening statements (BEGIN,
     and for a write scope the user's lock, one statement that also reads the version and sets
     the origin) are not sent on their own but in one pipeline with the scope's first statement;
-    `version()` is free until the scope writes (then it is read once, when asked); a `get()` of
-    a missing contact in a write scope brings the count along. A scope that runs no statement
-    at all sends nothing, not even BEGIN.
+    a `get()` of a missing contact in a write scope brings the count along. A scope that runs
+    no statement at all sends nothing, not even BEGIN.
+
+    Writes and the version. Under the user's lock only this transaction moves the counter, and
+    the version triggers (migration 3) add exactly 1 per row inserted, updated or deleted: so
+    `version()` in a write scope is the locked counter plus the rows this scope changed, with
+    no statement. A `put()` after the scope's first statement is not sent at once but held
+    (an upsert always changes exactly one row), and goes in one pipeline with whatever the
+    scope sends next: its next read, or its COMMIT. A put or delete that fails therefore raises
+    at that statement or at the end of the scope, and the whole transaction rolls back either
+    way. Whenever a version counted so was handed out, the COMMIT's pipeline first checks it
+    against the counter the triggers left (`_CHECK_COUNTER`): a trigger someone added that
+    moves the counter too makes the transaction roll back with StoreError, never commit with
+    a version other than what the database holds.
     """
 
     def __init__(self, store: "PostgresStore", connection: psycopg.Connection, user: str,
@@ -432,6 +461,9 @@ class _PostgresTxn(RosterTxn):
         # The numbers of items and of strangers' requests, once read (under the user's lock,
         # only this scope changes them; every write forgets them).
         self._count: tuple[int, int] | None = None
+        self._held: list[tuple[str, tuple]] = []  # writes not sent yet (see the class doc)
+        self._wrote = False  # the counter moved by this scope's writes (counted, not read)
+        self._check_counter = False  # a counted version was handed out: check it at COMMIT
 
     def _execute(self, query: str, parameters: tuple | dict = (), *,
                  writes: bool = False) -> psycopg.Cursor:
@@ -440,15 +472,44 @@ class _PostgresTxn(RosterTxn):
             raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
         if self._opening:
             cursor = self._open_with(query, parameters)
+        elif self._held:
+            cursor = self._send_held(query, parameters)
         else:
             with self._store._translated_errors(self._connection):
                 cursor = self._connection.execute(query, parameters)
         if writes:
-            # The triggers moved the version (and the count may have changed): read again
-            # when asked.
-            self._counter = None
-            self._count = None
+            # The triggers added 1 per row changed (and the count may have changed).
+            self._moved(cursor.rowcount)
         return cursor
+
+    def _moved(self, rows: int) -> None:
+        self._count = None
+        if not self._store._versions_counted:
+            self._counter = None  # read again when asked
+            return
+        if rows:
+            assert self._counter is not None  # writes run under the lock, which read it
+            self._counter += rows
+            self._wrote = True
+
+    def _send_held(self, query: str, parameters: tuple | dict) -> psycopg.Cursor:
+        """The held writes and `query` in one pipeline (one round trip)."""
+        held, self._held = self._held, []
+        connection = self._connection
+        with self._store._translated_errors(connection):
+            with connection.pipeline():
+                for held_query, held_parameters in held:
+                    connection.execute(held_query, held_parameters)
+                cursor = connection.execute(query, parameters)
+        return cursor
+
+    def _closing_statements(self) -> list[tuple[str, tuple]]:
+        """What goes in one pipeline with the COMMIT: the held writes, and the check of a
+        counted version that was handed out."""
+        statements, self._held = self._held, []
+        if self._check_counter:
+            statements.append((_CHECK_COUNTER, (self.user, self._counter)))
+        return statements
 
     def _open_with(self, query: str, parameters: tuple | dict) -> psycopg.Cursor:
         """The opening statements and `query` in one pipeline (one round trip).
@@ -507,22 +568,25 @@ class _PostgresTxn(RosterTxn):
     def put(self, row: RosterRow) -> None:
         self._check_writable("put")
         # An upsert: one UPDATE of an existing row (one version bump), never delete + insert.
-        self._execute(
-            _UPSERT_ROW,
-            (
-                self.user,
-                row.contact,
-                row.name,
-                row.subscription,
-                row.pending_out,
-                row.pending_in,
-                row.approved,
-                row.in_roster,
-                list(row.groups),
-                row.request_text,
-            ),
-            writes=True,
+        parameters = (
+            self.user,
+            row.contact,
+            row.name,
+            row.subscription,
+            row.pending_out,
+            row.pending_in,
+            row.approved,
+            row.in_roster,
+            list(row.groups),
+            row.request_text,
         )
+        if self._opening or not self._open:
+            # The scope's first statement (or a finished scope: _execute says so).
+            self._execute(_UPSERT_ROW, parameters, writes=True)
+            return
+        # Held until the next statement or the COMMIT: it changes exactly one row.
+        self._held.append((_UPSERT_ROW, parameters))
+        self._moved(1)
 
     def delete(self, contact: str) -> None:
         self._check_writable("delete")
@@ -545,9 +609,13 @@ class _PostgresTxn(RosterTxn):
 
     def version(self) -> str:
         if self._counter is None:
-            # A snapshot (no lock), a write since the lock, or nothing run yet: read it (with
-            # the opening statements, if not sent yet).
+            # A snapshot (no lock), or nothing run yet: read it (with the opening statements,
+            # if not sent yet).
             self._counter = _counter_of(self._execute(_READ_VERSION, (self.user,)))
+        elif self._wrote:
+            if not self._open:
+                raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
+            self._check_counter = True  # counted: checked against the table at COMMIT
         return str(self._counter)
 
 
@@ -586,6 +654,7 @@ class PostgresStore(RosterStore):
         self._dsn_parameters = dsn_parameters
         self._closed = False
         self._scopes_in_thread = threading.local()
+        self._versions_counted = False  # until _set_up has seen the triggers
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
             open=False,
@@ -670,7 +739,7 @@ class PostgresStore(RosterStore):
                 raise
             txn._open = False
             if txn._begun:
-                self._commit(txn._connection)
+                self._commit(txn._connection, txn._closing_statements(), user)
             else:  # no statement ran: nothing to commit
                 self._give_back(txn._connection)
 
@@ -716,18 +785,43 @@ class PostgresStore(RosterStore):
             break
         return connection
 
-    def _commit(self, connection: psycopg.Connection) -> None:
+    def _commit(self, connection: psycopg.Connection,
+                statements: list[tuple[str, tuple]] | None = None, user: str = "") -> None:
+        """COMMIT, after `statements` (held writes, a check) in the same pipeline."""
         # On a transaction the server aborted (a statement failed and the caller went on),
         # COMMIT would answer ROLLBACK without an error: never report that as a success.
         if connection.info.transaction_status == TransactionStatus.INERROR:
             self._rollback(connection)
             raise StoreError("a statement of the transaction failed, so it was rolled back; "
                              "nothing was written")
+        if not statements:
+            try:
+                with self._translated_errors(connection):
+                    connection.execute("COMMIT")
+            finally:
+                self._give_back(connection)
+            return
         try:
-            with self._translated_errors(connection):
+            with connection.pipeline():
+                for query, parameters in statements:
+                    connection.execute(query, parameters)
                 connection.execute("COMMIT")
-        finally:
-            self._give_back(connection)
+        except psycopg.Error as exc:
+            # A statement failed: the COMMIT after it did nothing; roll back.
+            error = self._store_error(exc, connection)
+            if (exc.sqlstate == _COUNTER_MOVED_SQLSTATE
+                    and statements[-1][0] is _CHECK_COUNTER):
+                log.error("the version of %s moved other than by its rows' triggers (a "
+                          "trigger added to roster_items?); the write was rolled back", user)
+                error = StoreError(f"PostgreSQL {self.dsn_shown}: the version of {user} moved "
+                                   "other than by the triggers of roster-port's schema; "
+                                   "nothing was written")
+            self._rollback(connection)
+            raise error from exc
+        except BaseException:
+            self._rollback(connection)
+            raise
+        self._give_back(connection)
 
     def _rollback(self, connection: psycopg.Connection) -> None:
         # Never mask the error being raised: if the rollback fails, the connection is closed,
@@ -833,6 +927,20 @@ class PostgresStore(RosterStore):
     def _set_up(self, connection: psycopg.Connection) -> None:
         """Make the database ready to serve: here, apply the pending migrations."""
         self._migrate(connection)
+        self._versions_counted = self._only_our_triggers(connection)
+        if not self._versions_counted:
+            log.info("%s has triggers of its own on roster_items or roster_versions: versions "
+                     "are read after each write, not counted", self.dsn_shown)
+
+    @staticmethod
+    def _only_our_triggers(connection: psycopg.Connection) -> bool:
+        """Whether the version triggers are the only ones that can move a counter (then a
+        write scope counts its version, see _PostgresTxn)."""
+        others = connection.execute(
+            "SELECT count(*) FROM pg_trigger "
+            "WHERE tgrelid IN ('roster_items'::regclass, 'roster_versions'::regclass) "
+            "AND NOT tgisinternal AND tgname <> ALL(%s)", (list(_OUR_TRIGGERS),)).fetchone()[0]
+        return others == 0
 
     def _migrate(self, connection: psycopg.Connection) -> None:
         pending = self._pending_migrations(connection)

@@ -1,0 +1,189 @@
+%%% @doc The hooks of mod_roster that mod_roster_port takes over (the table
+%%% is mod_roster_port's ?TAKEN_OVER), and user_send_packet. Each turns its
+%%% arguments into one request (roster_port_call) and the answer into what
+%%% the hook must return; when the program cannot answer, the hook returns
+%%% the safe answer of docs/protocol.md. Nothing here may crash or stall
+%%% ejabberd because of the program, nor decide anything about a roster.
+%%%
+%%% The module's name is part of the takeover: it must sort where
+%%% mod_roster's does among handlers of the same sequence (mod_roster_port,
+%%% ?HOOKS).
+%%%
+%%% Reads (roster_get, roster_get_jid_info) are answered from the exact
+%%% cache when it can (roster_port_cache; README, "The read cache").
+%%%
+%%% Outgoing subscription presences are forwarded from user_send_packet, not
+%%% roster_out_subscription: ejabberd_c2s routes the presence to the contact
+%%% whatever roster_out_subscription says, and a pre-approval (RFC 6121 3.4)
+%%% must not reach the contact. roster_out_subscription still forwards a
+%%% presence that did not come through user_send_packet.
+-module(mod_roster_port_hooks).
+
+-export([roster_get/2, in_subscription/2, out_subscription/1, user_send_packet/1,
+         get_jid_info/4, remove_user/2, c2s_self_presence/1, post_auth_features/2]).
+
+-include("logger.hrl").
+-include("xmpp.hrl").
+
+-define(NS_PRE_APPROVAL, <<"urn:xmpp:features:pre-approval">>).
+-define(FORWARDED, roster_port_forwarded).
+
+roster_get(Acc, {LUser, LServer}) ->
+    Cache = roster_port_pool:cache(LServer),
+    User = <<LUser/binary, "@", LServer/binary>>,
+    case roster_port_cache:lookup_roster(Cache, User) of
+        {ok, Items} ->
+            Items ++ Acc;
+        miss ->
+            %% Taken before the request is sent: see roster_port_cache.
+            ReadAt = roster_port_cache:stamp(),
+            case roster_port_call:call(LServer, LUser, <<"roster_get">>, #{}) of
+                {ok, #{<<"items">> := WireItems}} when is_list(WireItems) ->
+                    Items = roster_port_call:roster_items(<<"roster_get item">>, User, WireItems),
+                    roster_port_cache:store_roster(Cache, User, ReadAt, Items),
+                    Items ++ Acc;
+                _ ->
+                    Acc
+            end
+    end.
+
+in_subscription(_Acc, #presence{from = From, to = To, type = Type} = Pres) ->
+    #jid{luser = LUser, lserver = LServer} = To,
+    Args = #{<<"contact">> => roster_port_wire:bare(From),
+             <<"type">> => atom_to_binary(Type),
+             <<"status">> => roster_port_wire:status(Pres)},
+    case roster_port_call:call(LServer, LUser, <<"in_subscription">>, Args, #{keep => true}) of
+        {ok, #{<<"deliver">> := Deliver}} -> Deliver == true;
+        _ -> false
+    end.
+
+%% Outgoing subscription presences, before ejabberd_c2s routes them.
+user_send_packet({#presence{type = Type, to = #jid{} = To} = Pres,
+                  #{jid := #jid{luser = LUser, lserver = LServer} = JID} = State})
+  when Type == subscribe; Type == subscribed;
+       Type == unsubscribe; Type == unsubscribed ->
+    Own = {To#jid.luser, To#jid.lserver, To#jid.lresource} == {LUser, LServer, <<>>},
+    Access = mod_roster_opt:access(LServer),
+    Allowed = acl:match_rule(LServer, Access, jid:remove_resource(JID)) == allow,
+    if Own; not Allowed ->
+            %% A presence to oneself is no subscription; a denied one gets
+            %% its error from ejabberd_c2s.
+            {Pres, State};
+       true ->
+            case forward_out_subscription(LServer, LUser, Pres#presence{from = JID}) of
+                false -> {drop, State};
+                true -> {xmpp:put_meta(Pres, ?FORWARDED, true), State}
+            end
+    end;
+user_send_packet(Acc) ->
+    Acc.
+
+out_subscription(#presence{from = #jid{luser = LUser, lserver = LServer}} = Pres) ->
+    case xmpp:get_meta(Pres, ?FORWARDED, false) of
+        true -> ok;
+        false -> _ = forward_out_subscription(LServer, LUser, Pres), ok
+    end.
+
+%% Returns whether the presence must still be routed to the contact.
+forward_out_subscription(LServer, LUser, #presence{to = To, type = Type} = Pres) ->
+    Args = #{<<"contact">> => roster_port_wire:bare(To),
+             <<"type">> => atom_to_binary(Type),
+             <<"status">> => roster_port_wire:status(Pres)},
+    case roster_port_call:call(LServer, LUser, <<"out_subscription">>, Args, #{keep => true}) of
+        {ok, #{<<"route">> := false}} -> false;
+        _ -> true
+    end.
+
+%% The hot path. With the cache, a user's whole store is loaded once
+%% (store_get_roster: every row, strangers' pending requests included, with
+%% jid_info's subscription, ask and groups) and every contact is answered
+%% from it until the user's roster changes.
+get_jid_info(_Acc, User, Server, JID) ->
+    LUser = jid:nodeprep(User),
+    LServer = jid:nameprep(Server),
+    Contact = case JID of
+                  #jid{} -> jid:remove_resource(JID);
+                  {_, _, _} -> jid:remove_resource(jid:make(JID))
+              end,
+    Cache = roster_port_pool:cache(LServer),
+    Owner = <<LUser/binary, "@", LServer/binary>>,
+    case roster_port_cache:lookup_jid_info(Cache, Owner, roster_port_wire:contact_key(Contact)) of
+        {ok, absent} -> {none, none, []};
+        {ok, Info} -> Info;
+        not_loaded -> load_jid_info(Cache, LServer, LUser, Contact);
+        _Off_or_unknown -> ask_jid_info(LServer, LUser, Contact)
+    end.
+
+ask_jid_info(LServer, LUser, Contact) ->
+    Args = #{<<"contact">> => roster_port_wire:bare(Contact)},
+    case roster_port_call:call(LServer, LUser, <<"jid_info">>, Args) of
+        {ok, #{<<"subscription">> := Sub, <<"ask">> := Ask} = R} ->
+            {roster_port_wire:subscription(Sub), roster_port_wire:pending(Ask), maps:get(<<"groups">>, R, [])};
+        _ ->
+            {none, none, []}
+    end.
+
+load_jid_info(Cache, LServer, LUser, Contact) ->
+    LoadedAt = roster_port_cache:stamp(),
+    User = <<LUser/binary, "@", LServer/binary>>,
+    case roster_port_call:call(LServer, LUser, <<"store_get_roster">>, #{}) of
+        {ok, #{<<"items">> := Items}} when is_list(Items) ->
+            %% A row whose JID ejabberd cannot parse is no contact ejabberd can
+            %% ask about: skipped, and the rest is kept.
+            {Entries, Skipped} = roster_port_wire:jid_info_entries(Items),
+            roster_port_call:log_skipped(<<"store_get_roster row">>, User, Skipped),
+            roster_port_cache:store_jid_info(Cache, User, LoadedAt, Entries),
+            case lists:keyfind(roster_port_wire:contact_key(Contact), 1, Entries) of
+                {_, Info} -> Info;
+                false -> {none, none, []}
+            end;
+        _ ->
+            {none, none, []}
+    end.
+
+remove_user(User, Server) ->
+    LUser = jid:nodeprep(User),
+    LServer = jid:nameprep(Server),
+    case roster_port_call:call(LServer, LUser, <<"remove_user">>, #{}) of
+        {ok, _} -> ok;
+        Error ->
+            ?ERROR_MSG("roster-port: the roster of removed user ~ts@~ts was not "
+                       "removed: ~p", [LUser, LServer, Error])
+    end.
+
+%% On the first available presence (priority >= 0) of a session, re-send the
+%% stored inbound subscription requests to that session.
+c2s_self_presence({_, #{pres_last := _}} = Acc) ->
+    Acc;
+c2s_self_presence({#presence{type = available, priority = Prio} = Pres,
+                   #{jid := #jid{luser = LUser, lserver = LServer} = JID} = State})
+  when Prio == undefined; Prio >= 0 ->
+    case roster_port_call:call(LServer, LUser, <<"pending_in">>, #{}) of
+        {ok, #{<<"requests">> := Requests}} when is_list(Requests) ->
+            BareJID = jid:remove_resource(JID),
+            {Valid, Skipped} = roster_port_wire:pending_requests(Requests),
+            roster_port_call:log_skipped(<<"pending_in request">>, roster_port_wire:bare(JID),
+                                         Skipped),
+            State1 = lists:foldl(
+                       fun({From, Status}, S) ->
+                               ejabberd_c2s:send(S, #presence{from = From, to = BareJID,
+                                                              type = subscribe,
+                                                              status = Status})
+                       end, State, Valid),
+            {Pres, State1};
+        _ ->
+            {Pres, State}
+    end;
+c2s_self_presence(Acc) ->
+    Acc.
+
+post_auth_features(Acc, Host) ->
+    Caps = roster_port_pool:capabilities(Host),
+    Acc1 = case maps:get(<<"versioning">>, Caps, false) of
+               true -> [#rosterver_feature{} | Acc];
+               _ -> Acc
+           end,
+    case maps:get(<<"pre_approval">>, Caps, false) of
+        true -> [#xmlel{name = <<"sub">>, attrs = [{<<"xmlns">>, ?NS_PRE_APPROVAL}]} | Acc1];
+        _ -> Acc1
+    end.

@@ -1,0 +1,102 @@
+"""One slow user never delays another, end to end: real ejabberd 23.01, the shim's real pool
+with ONE program process (so every user below is served by the same process), the real
+program on PostgreSQL, real slixmpp clients.
+
+The operator's application holds a row lock on alice's roster for longer than call_timeout.
+Meanwhile twelve other users' roster sets and gets on the same program process are all answered
+(before alice's), the program is not restarted, alice's client gets the safe answer once the
+shim's deadline passes, and alice's next request, queued behind hers, is never carried out
+after its deadline: the program answers it `timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import psycopg
+import pytest
+import slixmpp
+
+from ejabberd_harness import EJABBERD_LIBS, SHIM_EBIN, EjabberdServer
+from xmpp_client import Client
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+PASSWORD = "secret"
+CALL_TIMEOUT_MS = 1000
+OTHERS = [f"user{index:02d}" for index in range(12)]
+
+
+@pytest.fixture
+def server(tmp_path: Path, pg_server):
+    if shutil.which("erl") is None or not any(EJABBERD_LIBS.glob("ejabberd-*")):
+        pytest.skip("ejabberd 23.01 is not installed (scripts/bootstrap installs it)")
+    if not (SHIM_EBIN / "mod_roster_port.beam").exists():
+        pytest.skip("the shim is not built (make -C erlang_shim)")
+    schema = pg_server.create_schema()
+    dsn = pg_server.dsn(schema)
+    # A lock wait far longer than call_timeout: alice's request stays stuck until the test
+    # lets the lock go.
+    store = f'backend = "postgres"\ndsn = {json.dumps(dsn)}\nlock_timeout_ms = 600000\n'
+    node = EjabberdServer(tmp_path / "ejabberd", store_section=store, pool_size=1,
+                          call_timeout_ms=CALL_TIMEOUT_MS, cache=False)
+    try:
+        node.start()
+        node.register("alice", "bob", *OTHERS, password=PASSWORD)
+        node.dsn = dsn
+        yield node
+    finally:
+        node.stop()
+        pg_server.drop_schema(schema)
+
+
+def test_a_user_stuck_behind_a_lock_delays_no_other_user_on_the_same_program(server):
+    [program_pid] = server.program_pids()
+    host = server.host
+
+    async def scenario():
+        alice = Client(f"alice@{host}/t", PASSWORD, server.c2s_port, server.ip)
+        others = [Client(f"{name}@{host}/t", PASSWORD, server.c2s_port, server.ip) for name in OTHERS]
+        for client in [alice, *others]:
+            await client.connect()
+        try:
+            await alice.roster_set(f"bob@{host}", name="Bob")  # alice's roster row exists now
+            with psycopg.connect(server.dsn) as holder:  # the operator's application
+                holder.execute("SELECT 1 FROM roster_versions WHERE username = %s FOR UPDATE",
+                               (f"alice@{host}",))
+                log_offset = server.log_size()
+                stuck = asyncio.ensure_future(alice.roster_set(f"carol@{host}", name="Carol"))
+                queued = asyncio.ensure_future(alice.roster_set(f"dave@{host}", name="Dave"))
+                # Every other user's write and read, on the same program process, while
+                # alice's write waits for the lock.
+                writes = await asyncio.gather(*(c.roster_set(f"bob@{host}", name=c.bare) for c in others))
+                assert all(iq["type"] == "result" for iq in writes)
+                gets = await asyncio.gather(*(c.roster_get() for c in others))
+                for client, got in zip(others, gets):
+                    assert got.items[f"bob@{host}"].name == client.bare
+                assert not stuck.done() and not queued.done()  # answered before alice's
+                # Alice's caller gets the safe answer once the shim's deadline passes.
+                for pending in (stuck, queued):
+                    with pytest.raises(slixmpp.exceptions.IqError) as refused:
+                        await pending
+                    assert (refused.value.etype, refused.value.condition) == ("wait", "internal-server-error")
+                holder.rollback()  # the application lets go
+            # Alice's first write was running: it is finished, and its push comes late.
+            await alice.wait_for(lambda client: client.pushes_for(f"carol@{host}"), timeout=10)
+            roster = await alice.roster_get()
+            # Her second was only queued and its deadline passed: never carried out.
+            assert f"carol@{host}" in roster.items and f"dave@{host}" not in roster.items
+            return log_offset
+        finally:
+            for client in [alice, *others]:
+                client.xmpp.disconnect()
+
+    log_offset = asyncio.run(scenario())
+    assert server.program_pids() == [program_pid], "the program was restarted"
+    log = server.log_path.read_text()[log_offset:]
+    assert "killing" not in log and "restarting" not in log, log
+    program_log = server.program_log_path.read_text()
+    assert "the deadline passed before the request could start" in program_log
