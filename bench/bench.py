@@ -217,7 +217,7 @@ def make_server(variant: Variant, workdir: Path, pg: "PgServer | None",
         load_stock_pg(pg.dsn(database), data)
         sql_yaml = (f'sql_type: pgsql\nsql_server: "127.0.0.1"\nsql_port: {pg.port}\n'
                     f'sql_database: "{database}"\nsql_username: "{pg.user}"\n'
-                    'sql_password: ""\n')
+                    'sql_password: ""\nsql_pool_size: 10\n')
         return BenchServer(**common, command="(stock mod_roster: no program)", db_type="sql",
                            sql_yaml=sql_yaml)
     if variant.key == "port-sqlite":

@@ -559,3 +559,29 @@ def test_ejabberd_and_we_prepare_each_character_alike():
             ) or "" in their_domain.split("."), f"U+{ord(ch):04X} in a domainpart"
         else:
             assert ours == (as_domain and as_domain[1]), f"U+{ord(ch):04X} in a domainpart"
+
+
+# --- The ASCII path prepares exactly as the general one ---------------------------------------
+
+_ASCII = [chr(code) for code in range(0x80)]
+
+
+def _outcome(prepare, text: str, ascii_path: bool):
+    try:
+        return prepare(text, ascii_path=ascii_path)
+    except InvalidJID as exc:
+        return ("refused", str(exc))
+
+
+@pytest.mark.parametrize("prepare", [jid._nodeprep, jid._nameprep], ids=["nodeprep", "nameprep"])
+def test_the_ascii_path_agrees_with_the_general_one_on_every_ascii_character(prepare):
+    for first in _ASCII:
+        for text in (first, first + "a", "a" + first, "a." + first, first + ".a", "A" + first + "Z"):
+            assert _outcome(prepare, text, True) == _outcome(prepare, text, False), repr(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(_ASCII), min_size=1, max_size=40))
+def test_the_ascii_path_agrees_with_the_general_one_on_any_ascii_text(text):
+    for prepare in (jid._nodeprep, jid._nameprep):
+        assert _outcome(prepare, text, True) == _outcome(prepare, text, False)

@@ -37,6 +37,10 @@
 -include("mod_roster.hrl").
 -include("translate.hrl").
 
+%% The version a write of this process answered, for mod_roster's next read
+%% (read_roster_version/2).
+-define(WRITTEN_VERSION(LUser, LServer), {roster_port_written_version, LUser, LServer}).
+
 %% mod_roster's handlers that we replace: {Hook, mod_roster's function, ours}.
 -define(TAKEN_OVER,
         [{roster_get, get_user_roster_items, roster_get},
@@ -215,10 +219,20 @@ import(_LServer, _Table, _Data) ->
     %% Versions belong to the program.
     ok.
 
+%% mod_roster reads the version right after a transaction that wrote one
+%% item, for the push of that item (push_item/3): the version the write
+%% answered is that one, and one request fewer. It is kept in the calling
+%% process for that read only: taken by it, and dropped when the process
+%% opens its next transaction.
 read_roster_version(LUser, LServer) ->
-    case store(LServer, LUser, <<"store_read_version">>, #{}) of
-        {ok, #{<<"ver">> := Ver}} when is_binary(Ver) -> {ok, Ver};
-        _ -> error
+    case erase(?WRITTEN_VERSION(LUser, LServer)) of
+        Ver when is_binary(Ver) ->
+            {ok, Ver};
+        _ ->
+            case store(LServer, LUser, <<"store_read_version">>, #{}) of
+                {ok, #{<<"ver">> := Ver}} when is_binary(Ver) -> {ok, Ver};
+                _ -> error
+            end
     end.
 
 write_roster_version(_LUser, _LServer, _InTransaction, _Ver) ->
@@ -256,8 +270,11 @@ roster_subscribe(LUser, LServer, LJID, Item) ->
     update_roster(LUser, LServer, LJID, Item).
 
 transaction(_LServer, F) ->
+    forget_written_versions(),
     try {atomic, F()}
-    catch _:Reason -> {aborted, Reason}
+    catch _:Reason ->
+            forget_written_versions(),
+            {aborted, Reason}
     end.
 
 remove_user(LUser, LServer) ->
@@ -267,16 +284,25 @@ remove_user(LUser, LServer) ->
     end.
 
 update_roster(LUser, LServer, _LJID, Item) ->
-    case store(LServer, LUser, <<"store_set_item">>, #{<<"item">> => roster_port_wire:record_to_map(Item)}) of
-        {ok, _} -> ok;
-        Error -> error({roster_port, Error})
-    end.
+    written(LUser, LServer, store(LServer, LUser, <<"store_set_item">>,
+                                  #{<<"item">> => roster_port_wire:record_to_map(Item)})).
 
 del_roster(LUser, LServer, LJID) ->
-    case store(LServer, LUser, <<"store_del_item">>, #{<<"contact">> => roster_port_wire:bare(LJID)}) of
-        {ok, _} -> ok;
-        Error -> error({roster_port, Error})
-    end.
+    written(LUser, LServer, store(LServer, LUser, <<"store_del_item">>,
+                                  #{<<"contact">> => roster_port_wire:bare(LJID)})).
+
+written(LUser, LServer, {ok, Result}) ->
+    case maps:get(<<"ver">>, Result, undefined) of
+        Ver when is_binary(Ver) -> put(?WRITTEN_VERSION(LUser, LServer), Ver);
+        _ -> erase(?WRITTEN_VERSION(LUser, LServer))
+    end,
+    ok;
+written(_LUser, _LServer, Error) ->
+    error({roster_port, Error}).
+
+forget_written_versions() ->
+    [erase(Key) || {?WRITTEN_VERSION(_, _) = Key, _} <- get()],
+    ok.
 
 %% The program is the source of truth: mod_roster must not cache.
 use_cache(_LServer, _Table) ->

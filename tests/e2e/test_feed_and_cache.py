@@ -259,7 +259,11 @@ def test_ejabberdctl_add_rosteritem_reaches_store_and_client(ejabberd, users, co
         push = (await alice.wait_for(lambda c: c.pushes_for(carol_jid)))[-1]
         assert (push.item.subscription, push.item.name, push.item.groups) == (
             "both", "Carol", ("Friends",))
-        assert (await alice.roster_get()).items[carol_jid].subscription == "both"
+        roster = await alice.roster_get()
+        assert roster.items[carol_jid].subscription == "both"
+        # The push carries the version the write answered (the shim does not ask again): the
+        # one a get then gives.
+        assert push.ver is not None and push.ver == roster.ver
 
     asyncio.run(scenario())
     rows = ejabberd.store_query(
