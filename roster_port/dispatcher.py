@@ -52,6 +52,11 @@ class Operation:
     # Whether the request opens a read-modify-write transaction (a lock on the user's roster)
     # rather than a snapshot: a bool, or a function of the args when it depends on them.
     writes: bool | Callable[[dict[str, Any]], bool]
+    # A subscription presence: the shim has routed it (or dropped it and delivers it later),
+    # so it is applied even after its deadline and even beyond a user's admission bound.
+    # Refusing it would leave the pair subscribed on one side only; run late, its effects
+    # are carried out by the shim as for any late answer.
+    must_run: bool = False
 
     def writes_for(self, args: dict[str, Any]) -> bool:
         return self.writes(args) if callable(self.writes) else self.writes
@@ -121,8 +126,9 @@ OPERATIONS: dict[str, Operation] = {
     "roster_get": Operation(lambda txn, rules, args: roster.roster_get(txn, rules), writes=False),
     # A roster get only reads: no lock, so it never waits for (nor delays) a write.
     "roster_iq": Operation(_roster_iq, writes=lambda args: args.get("type") != "get"),
-    "in_subscription": Operation(_subscription_handler(Direction.IN), writes=True),
-    "out_subscription": Operation(_subscription_handler(Direction.OUT), writes=True),
+    "in_subscription": Operation(_subscription_handler(Direction.IN), writes=True, must_run=True),
+    "out_subscription": Operation(_subscription_handler(Direction.OUT), writes=True,
+                                  must_run=True),
     "jid_info": Operation(
         lambda txn, rules, args: roster.jid_info(txn, rules, _contact_arg(args)), writes=False
     ),
@@ -243,7 +249,7 @@ class Dispatcher:
         database as the dispatcher's: each thread may have its own connection)."""
         request = job.request
         try:
-            if job.deadline is not None and now >= job.deadline:
+            if job.deadline is not None and now >= job.deadline and not job.operation.must_run:
                 # The shim has given up on it: doing it now would only surprise the user.
                 raise ProtocolError("timeout", "the deadline passed before the request could "
                                     "start; nothing was done")
@@ -305,33 +311,42 @@ class Dispatcher:
         log.warning("request %d: %s: %s", request_id, error.code, error.message)
         return encode_error(request_id, error.to_wire())
 
-    def notifications(self, changes: list[OutsideChange]) -> list[bytes]:
-        """`roster_changed` notifications for changes other applications made, one per user."""
+    def changes_by_user(self, changes: list[OutsideChange]) -> dict[str, list[OutsideChange]]:
+        """The outside changes this process reports, by user, in the order read."""
         by_user: dict[str, list[OutsideChange]] = {}
         for change in changes:
             # Each virtual host has a pool, and each pool a feed: report this host's users only.
             if self.host is None or change.user.endswith("@" + self.host):
                 by_user.setdefault(change.user, []).append(change)
-        payloads = []
-        for user, user_changes in by_user.items():
-            try:
-                with self.store.snapshot(user) as txn:
-                    effects = roster.outside_changes(txn, self.rules, user_changes)
-                params = {"user": user, "effects": [effect.to_wire() for effect in effects]}
-                payload = encode_notification("roster_changed", params)
-            except StoreError as exc:
-                log.error("changes to %s made outside XMPP not pushed: %s", user, exc)
-                continue
-            except Exception:  # noqa: BLE001 - one user's rows must not stop the feed
-                log.exception("changes to %r made outside XMPP not pushed", user)
-                continue
-            if self.max_response_bytes is not None and len(payload) > self.max_response_bytes:
-                log.error("changes to %s made outside XMPP not pushed: a notification of %d "
-                          "bytes, over the shim's max_frame_bytes", user, len(payload))
-                continue
-            log.info("%s: %d rows changed outside XMPP", user, len(user_changes))
-            payloads.append(payload)
-        return payloads
+        return by_user
+
+    def notification(self, user: str, changes: list[OutsideChange], store: RosterStore) -> bytes | None:
+        """The `roster_changed` notification for `user`'s rows other applications changed,
+        read in one snapshot of `store` (run in the user's order, like a request of the user:
+        a notification never carries an older state than a response written before it)."""
+        try:
+            with store.snapshot(user) as txn:
+                effects = roster.outside_changes(txn, self.rules, changes)
+            params = {"user": user, "effects": [effect.to_wire() for effect in effects]}
+            payload = encode_notification("roster_changed", params)
+        except StoreError as exc:
+            log.error("changes to %s made outside XMPP not pushed: %s", user, exc)
+            return None
+        except Exception:  # noqa: BLE001 - one user's rows must not stop the feed
+            log.exception("changes to %r made outside XMPP not pushed", user)
+            return None
+        if self.max_response_bytes is not None and len(payload) > self.max_response_bytes:
+            log.error("changes to %s made outside XMPP not pushed: a notification of %d "
+                      "bytes, over the shim's max_frame_bytes", user, len(payload))
+            return None
+        log.info("%s: %d rows changed outside XMPP", user, len(changes))
+        return payload
+
+    def notifications(self, changes: list[OutsideChange]) -> list[bytes]:
+        """Every notification for `changes`, on the dispatcher's own store (the serial path)."""
+        payloads = (self.notification(user, user_changes, self.store)
+                    for user, user_changes in self.changes_by_user(changes).items())
+        return [payload for payload in payloads if payload is not None]
 
     def close(self) -> None:
         if self.feed is not None:

@@ -9,7 +9,8 @@ Invariants:
 - Admission is bounded: at most `max_in_flight` jobs (queued and running) in all, and at most
   `max_per_key` of one key. `submit()` refuses beyond either bound at once, never blocks and
   never queues without bound: the caller answers the request itself (back-pressure), so one
-  user flooding the program cannot crowd out the others.
+  user flooding the program cannot crowd out the others. (A job that must run, since refusing
+  it would lose what happened, has a hard bound of its own: MUST_RUN_FACTOR x max_in_flight.)
 - Keys with work wait in one FIFO for a thread; a key whose job ends goes to the back of it
   if it has more work, so a busy key never starves the others.
 - The thread that went idle last is woken first: when requests come one at a time, one thread
@@ -29,6 +30,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+MUST_RUN_FACTOR = 4
 
 
 class PerKeyExecutor:
@@ -56,17 +59,22 @@ class PerKeyExecutor:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, key: Hashable, job: Any) -> bool:
-        """Queue `job` behind the earlier jobs of `key`; False (nothing queued) when full."""
+    def submit(self, key: Hashable, job: Any, *, must_run: bool = False) -> bool:
+        """Queue `job` behind the earlier jobs of `key`; False (nothing queued) when full.
+
+        A job that `must_run` (refusing it would lose something that happened) is admitted
+        beyond both bounds, up to a hard bound of MUST_RUN_FACTOR times `max_in_flight`.
+        """
         with self._lock:
-            if self._stopping or self._in_flight >= self._max_in_flight:
+            limit = self._max_in_flight * (MUST_RUN_FACTOR if must_run else 1)
+            if self._stopping or self._in_flight >= limit:
                 return False
             queue = self._queues.get(key)
             if queue is None:
                 self._queues[key] = collections.deque((job,))
                 self._ready.append(key)
                 self._wake_one()
-            elif len(queue) >= self._max_per_key:
+            elif len(queue) >= self._max_per_key and not must_run:
                 return False
             else:
                 queue.append(job)  # the key is ready or running already

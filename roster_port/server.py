@@ -29,6 +29,7 @@ written. No exception a frame or the feed can cause leaves the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -143,13 +144,12 @@ def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
         return []
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler wherever the main thread is. A BaseException, so that no
-    handler that contains a request's or a frame's failure can swallow it."""
+@dataclasses.dataclass(frozen=True)
+class _Notify:
+    """A job: the `roster_changed` notification of one user's outside changes."""
 
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated(signal.Signals(signum).name)
+    user: str
+    changes: list[OutsideChange]
 
 
 class _ThreadStores:
@@ -191,27 +191,40 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     except NoProtocolChannel as exc:
         log.error("%s; exiting", exc)
         return 1
-    # ejabberd stops its ports by closing the pipe; a TERM from an operator stops us too (an
-    # open transaction rolls back; the shim's deadline covers the request it was serving).
-    signal.signal(signal.SIGTERM, _terminate)
     store = open_store(config)
     serving = config.serve
     log.info("serving rosters from %s (pid %d, %d threads, at most %d requests in flight)",
              store.describe(), os.getpid(), serving.threads, serving.max_in_flight)
     dispatcher = Dispatcher(store, Rules(config.roster, config.limits))
     decoder = FrameDecoder(config.limits.max_frame_bytes)
-    # The writer's failure wakes the main thread through this pipe: select() sees it.
+    # Wakes the main thread out of select(): a failed write, or a signal (set_wakeup_fd).
     wake_read, wake_write = os.pipe()
-    writer = FrameWriter(frames_fd, lambda: os.write(wake_write, b"x"))
+    os.set_blocking(wake_write, False)
+    broken = threading.Event()
+
+    def on_broken() -> None:
+        broken.set()
+        try:
+            os.write(wake_write, b"x")
+        except OSError:  # full (already awake) or closed (exiting)
+            pass
+
+    writer = FrameWriter(frames_fd, on_broken)
     stores = _ThreadStores(config, store)
 
-    def run(job: Job) -> None:
+    def run(job: Job | _Notify) -> None:
         try:
             job_store = stores.current()
         except Exception as exc:  # noqa: BLE001 - StoreUnavailable, mostly: answer it
-            writer.add(dispatcher.failed(job, exc))
+            if isinstance(job, Job):
+                writer.add(dispatcher.failed(job, exc))
+            else:
+                log.error("changes to %s made outside XMPP not pushed: %s", job.user, exc)
             return
-        writer.add(dispatcher.run(job, job_store, time.monotonic()))
+        if isinstance(job, Job):
+            writer.add(dispatcher.run(job, job_store, time.monotonic()))
+        else:
+            writer.add(dispatcher.notification(job.user, job.changes, job_store))
 
     executor = PerKeyExecutor(run, threads=serving.threads, max_in_flight=serving.max_in_flight,
                               max_per_key=serving.max_in_flight_per_user)
@@ -221,13 +234,18 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
         return {"in_flight": in_flight, "running": running}
 
     dispatcher.status = status
+    # ejabberd stops its ports by closing the pipe; a TERM from an operator stops us too. The
+    # handler only sets a flag: the loop ends between two frames, never inside a write.
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    previous_wakeup_fd = signal.set_wakeup_fd(wake_write)
     selector = selectors.DefaultSelector()
     selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
-    selector.register(wake_read, selectors.EVENT_READ, "broken")
+    selector.register(wake_read, selectors.EVENT_READ, "wake")
     feed_fd: int | None = None  # the feed's descriptor as registered (it changes on reconnect)
     eof = False
     try:
-        while True:
+        while not (terminated.is_set() or broken.is_set()):
             feed = dispatcher.feed
             if (fd := feed.fileno() if feed is not None else None) != feed_fd:
                 if feed_fd is not None:
@@ -237,8 +255,9 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
                 feed_fd = fd
             polled = feed is not None and feed_fd is None
             ready = {key.data for key, _ in selector.select(feed.poll_interval if polled else None)}
-            if "broken" in ready:
-                break
+            if "wake" in ready:
+                os.read(wake_read, 512)
+                continue  # the loop's condition says whether to stop
             if "stdin" in ready:
                 data = os.read(stdin_fd, READ_SIZE)
                 if not data:
@@ -249,14 +268,19 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
                     accepted = dispatcher.accept(event, now)  # never raises
                     if isinstance(accepted, Answer):
                         writer.add(accepted.payload)
-                    elif not executor.submit(accepted.user, accepted):
+                    elif not executor.submit(accepted.user, accepted,
+                                             must_run=accepted.operation.must_run):
                         writer.add(dispatcher.overloaded(accepted, _full_because(executor, serving)))
             if feed is not None and ("feed" in ready or polled):
-                for payload in dispatcher.notifications(_read_feed(feed)):
-                    writer.add(payload)
-    except Terminated as exc:
-        log.info("stopped by %s", exc)
+                # Read here; each user's notification is made in that user's order, like a
+                # request of the user (never with a state older than an answer before it).
+                for user, changes in dispatcher.changes_by_user(_read_feed(feed)).items():
+                    if not executor.submit(user, _Notify(user, changes), must_run=True):
+                        log.error("changes to %s made outside XMPP not pushed: %d requests in "
+                                  "flight", user, executor.counts()[0])
     finally:
+        if terminated.is_set():
+            log.info("stopped by SIGTERM")
         if decoder.buffered:
             log.warning("EOF inside a frame: %d bytes of an incomplete frame dropped", decoder.buffered)
         if eof:
@@ -264,13 +288,19 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
         dropped = executor.stop(timeout=None if eof else STOP_GRACE_S)
         if dropped:
             log.warning("%d requests not started when the program stopped; not answered", dropped)
-            dispatcher.close()
+        signal.set_wakeup_fd(previous_wakeup_fd)
+        dispatcher.close()
         selector.close()
-        stores.close()
-        store.close()
-        for fd in (wake_read, wake_write):
-            os.close(fd)
-        log.info("store closed; exiting")
+        still_running = executor.counts()[1]
+        if still_running:
+            # Their threads hold their stores: closing one would wait for its request. The
+            # process exits anyway, and the database rolls back what they had not committed.
+            log.warning("%d requests still running after %g s; exiting without them",
+                        still_running, STOP_GRACE_S)
+        else:
+            stores.close()
+            store.close()
+            log.info("store closed; exiting")
     return 0
 
 

@@ -231,6 +231,32 @@ def test_sqlite_readers_are_answered_while_one_writer_waits_for_another_process(
         assert reader.order.index(stuck) < reader.order.index(queued)  # one user's, in order
 
 
+def test_a_subscription_presence_queued_past_its_deadline_is_still_applied(tmp_path):
+    # Found in review: the shim has routed the presence (or will deliver it); refusing it as
+    # `timeout` would leave the pair subscribed on one side only.
+    config = _sqlite_config(tmp_path, busy_timeout_ms=60_000)
+    with ProgramProcess(config, hello=False) as program:
+        program.call("hello", HELLO)
+        reader = Reader(program)
+        holder = sqlite3.connect(tmp_path / "rosters.sqlite", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            stuck = _add(program, ALICE, "carol@example.com")
+            presence = program.send("out_subscription", {"user": ALICE, "contact": BOB,
+                                                         "type": "subscribe", "timeout_ms": 1})
+            read = program.send("roster_get", {"user": ALICE, "timeout_ms": 1})
+            assert reader.ping_until({"in_flight": 3, "running": 1})
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        reader.wait_for([stuck, presence, read])
+        assert reader.answers[read][2]["code"] == "timeout"  # a read: nothing is lost
+        assert reader.answers[presence][2] is None and reader.answers[presence][3]["route"] is True
+    with sqlite3.connect(tmp_path / "rosters.sqlite") as db:
+        assert db.execute("SELECT pending_out FROM roster_items WHERE user = ? AND contact = ?",
+                          (ALICE, BOB)).fetchall() == [(1,)]
+
+
 def test_writes_of_many_threads_all_go_through(tmp_path):
     config = _sqlite_config(tmp_path, busy_timeout_ms=60_000, extra="[serve]\nthreads = 8\n")
     with ProgramProcess(config, hello=False) as program:

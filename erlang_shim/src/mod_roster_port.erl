@@ -40,6 +40,7 @@
 %% The version a write of this process answered, for mod_roster's next read
 %% (read_roster_version/2).
 -define(WRITTEN_VERSION(LUser, LServer), {roster_port_written_version, LUser, LServer}).
+-define(WRITTEN_VERSION_MS, 1000).
 
 %% mod_roster's handlers that we replace: {Hook, mod_roster's function, ours}.
 -define(TAKEN_OVER,
@@ -222,11 +223,13 @@ import(_LServer, _Table, _Data) ->
 %% mod_roster reads the version right after a transaction that wrote one
 %% item, for the push of that item (push_item/3): the version the write
 %% answered is that one, and one request fewer. It is kept in the calling
-%% process for that read only: taken by it, and dropped when the process
-%% opens its next transaction.
+%% process for that read only: taken by it, dropped when the process opens
+%% its next transaction, and never used once WRITTEN_VERSION_MS old (a
+%% write that no read followed must not answer a read much later).
 read_roster_version(LUser, LServer) ->
+    Now = erlang:monotonic_time(millisecond),
     case erase(?WRITTEN_VERSION(LUser, LServer)) of
-        Ver when is_binary(Ver) ->
+        {Ver, At} when is_binary(Ver), Now - At =< ?WRITTEN_VERSION_MS ->
             {ok, Ver};
         _ ->
             case store(LServer, LUser, <<"store_read_version">>, #{}) of
@@ -293,7 +296,8 @@ del_roster(LUser, LServer, LJID) ->
 
 written(LUser, LServer, {ok, Result}) ->
     case maps:get(<<"ver">>, Result, undefined) of
-        Ver when is_binary(Ver) -> put(?WRITTEN_VERSION(LUser, LServer), Ver);
+        Ver when is_binary(Ver) ->
+            put(?WRITTEN_VERSION(LUser, LServer), {Ver, erlang:monotonic_time(millisecond)});
         _ -> erase(?WRITTEN_VERSION(LUser, LServer))
     end,
     ok;

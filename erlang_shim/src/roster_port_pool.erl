@@ -5,7 +5,8 @@
 %%% so that a call costs no message to any pool process: the caller picks the
 %%% worker by a hash of the user's bare JID (one user's requests are serialised
 %%% by one worker, in order), sends the request with gen_server:send_request/2
-%%% and waits at most call_timeout. A worker whose program is down answers
+%%% and waits for the worker's reply: the answer, or {error, timeout} once
+%%% call_timeout has passed (the worker says so itself). A worker whose program is down answers
 %%% {error, unavailable} at once; a worker that is not running at all (being
 %%% restarted by its supervisor) gives the same answer without any wait.
 %%%
@@ -36,6 +37,8 @@
                         | {program, map()}}.
 
 -define(KEY(Host), {?MODULE, Host}).
+%% Longer than the worker's sweep interval (at most 200 ms).
+-define(WORKER_GRACE_MS, 500).
 -define(CAPS_KEY(Host), {?MODULE, capabilities, Host}).
 
 %% @doc Records the settings of Host's pool for callers and starts (links)
@@ -109,9 +112,14 @@ call(Host, User, Op, Args, CallOpts) ->
                     Keep = maps:get(keep, CallOpts, false),
                     Req = {request, Op, Args#{<<"user">> => User}, Deadline, Keep},
                     ReqId = gen_server:send_request(Pid, Req),
-                    %% On timeout the monitor alias is dropped, so a late
-                    %% answer never lands in the caller's mailbox.
-                    case gen_server:receive_response(ReqId, Timeout) of
+                    %% The worker answers {error, timeout} itself at its
+                    %% sweep after Deadline, so that an answer that comes
+                    %% late is carried out by its runner, never lost
+                    %% between the two; this wait only covers a worker that
+                    %% does not answer at all. On timeout the monitor alias
+                    %% is dropped, so a late reply never lands in the
+                    %% caller's mailbox.
+                    case gen_server:receive_response(ReqId, Timeout + ?WORKER_GRACE_MS) of
                         {reply, Reply} -> Reply;
                         timeout -> {error, timeout};
                         {error, _} -> {error, unavailable}

@@ -42,7 +42,7 @@
 %%% the pipe does not. The worker watches that queue (port_info queue_size,
 %%% under 1 us) after each request and at each sweep: bytes written minus
 %%% bytes queued is what the pipe took; bytes queued and none taken for
-%%% call_timeout, or over 2 x max_frame_bytes queued, and the program is
+%%% call_timeout, or over max(2 x max_frame_bytes, 16 MiB) queued, and it is
 %%% hung. An outbox in the worker retried on a timer would hold the same
 %%% bytes under the same bound, and add a retry delay and a second place
 %%% where frames wait.
@@ -63,6 +63,11 @@
 -define(PROTOCOLS, [2]).
 -define(SHIM_VERSION, <<"0.1.0">>).
 -define(MIN_BACKOFF, 100).
+-define(SWEEP_MAX_MS, 200).
+%% Bytes queued for the program's stdin that mean a hung program whatever
+%% max_frame_bytes is: a burst of small requests while its reading loop
+%% pauses must not get a healthy program killed.
+-define(MIN_STDIN_QUEUE, 16 * 1024 * 1024).
 -define(MAX_LATE, 1000).
 %% Requests without answer, or refused by the program, are logged at most
 %% once per this many ms, counted.
@@ -346,7 +351,7 @@ log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid,
                        [Host, I, OsPid, Ms, Backoff]);
         {stdin_full, Bytes} ->
             ?LOG_ERROR("roster-port ~ts/~B: the program (os pid ~p) leaves ~B bytes "
-                       "unread on its stdin (over 2 x max_frame_bytes); killing it, "
+                       "unread on its stdin (over max(2 x max_frame_bytes, 16 MiB)); killing it, "
                        "restarting it in ~B ms",
                        [Host, I, OsPid, Bytes, Backoff]);
         {unsupported_protocol, Message} ->
@@ -454,10 +459,11 @@ send_request(Kind, Op, Args, Deadline, #state{port = Port, next_id = Id} = State
 %% Whether the program reads what is written to its stdin (module doc).
 watch_stdin(#state{port = Port} = State) when Port /= undefined ->
     Now = now_ms(),
+    Limit = max(2 * State#state.max_frame_bytes, ?MIN_STDIN_QUEUE),
     case erlang:port_info(Port, queue_size) of
         {queue_size, 0} ->
             State#state{drained = State#state.written, read_at = Now};
-        {queue_size, Queued} when Queued > 2 * State#state.max_frame_bytes ->
+        {queue_size, Queued} when Queued > Limit ->
             program_down({stdin_full, Queued}, State);
         {queue_size, Queued} ->
             case State#state.written - Queued of
@@ -672,7 +678,15 @@ sweep(State0) ->
             end
     end.
 
-expired({Id, {_Kind, Op, Args, _}}, State) ->
+expired({Id, {Kind, Op, Args, _}}, State) ->
+    %% The worker, not the caller's own clock, says when a request timed out:
+    %% an answer is either given to its caller or carried out as late (by the
+    %% runner), never dropped between the two (roster_port_pool:call/5 waits
+    %% a little longer than call_timeout for this reply).
+    case Kind of
+        {caller, From} -> gen_server:reply(From, {error, timeout});
+        _ -> ok
+    end,
     roster_port_cache:request_expired(State#state.cache, Op, Args),
     remember_late(Id, Op, Args,
                   trouble(no_answer, Op, Args,
@@ -705,8 +719,9 @@ ping(State) ->
         {error, _} -> schedule_ping(State)
     end.
 
+%% At most ?SWEEP_MAX_MS apart: roster_port_pool:call/5's grace covers it.
 schedule_sweep(#state{call_timeout = T}) ->
-    erlang:send_after(max(10, min(1000, T div 4)), self(), sweep).
+    erlang:send_after(max(10, min(?SWEEP_MAX_MS, T div 10)), self(), sweep).
 
 schedule_ping(#state{ping_interval = Interval} = State) ->
     cancel_ping(State),

@@ -812,7 +812,9 @@ class PostgresStore(RosterStore):
             if (exc.sqlstate == _COUNTER_MOVED_SQLSTATE
                     and statements[-1][0] is _CHECK_COUNTER):
                 log.error("the version of %s moved other than by its rows' triggers (a "
-                          "trigger added to roster_items?); the write was rolled back", user)
+                          "trigger added to roster_items?); the write was rolled back, and "
+                          "versions are read from the table from now on", user)
+                self._versions_counted = False  # read from now on, as with other triggers at open
                 error = StoreError(f"PostgreSQL {self.dsn_shown}: the version of {user} moved "
                                    "other than by the triggers of roster-port's schema; "
                                    "nothing was written")
