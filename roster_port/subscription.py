@@ -22,6 +22,15 @@ The "auto unsubscribed" answers to an inbound unsubscribe are ejabberd 23.01's r
 RFC 3921 (RFC 6121 only requires delivery); we behave like ejabberd by default and
 `auto_unsubscribed=False` turns them off.
 
+Routing: every outbound presence goes on to C (`Step.route`), except a `subscribed` with no
+request pending (N, N+PO, T): a pre-approval when pre-approval is on, and ignored when it is off
+(RFC 6121 A.2). ejabberd 23.01 routes that one too; here it is not, so that it can never reach a
+C whose own request crosses it and be taken for the answer.
+
+What no table can fix: presences that cross on the wire carry nothing that says which request
+they answer, so a `subscribe` crossing C's `unsubscribed`, or C's `subscribed` crossing U's
+`unsubscribe`, can leave U and C apart (tests/test_consistency.py, `RACES`, shows each case).
+
 States that only admin commands or old data can produce (`to` with pending out, `from` with
 pending in, `both` with either) are folded into the nearest RFC state by `canonical()` before
 the look-up: a pending request in a direction that is already subscribed means nothing.
@@ -209,10 +218,17 @@ def step(
     deliver, auto_reply, route = cell.deliver, cell.auto_reply, True
 
     if cell.pre_approve:
+        # `subscribed` with no request pending (N, N+PO, T) is never routed. With pre-approval
+        # it is U's own state, and C learns of it by subscribing. Without pre-approval the
+        # server ignores it: RFC 6121 A.2 says a `subscribed` that changes no state SHOULD NOT
+        # be routed (3.1.5 approves a *pending* request; 3.4 makes a request-less one a
+        # pre-approval, and only for a server that offers it). Routed, it would reach C as an
+        # approval: a C whose own `subscribe` is on its way (N+PO, crossing it) would take it
+        # for the answer and move to T while U, receiving that subscribe next, is N+PI.
+        # ejabberd 23.01 routes it (its c2s routes every subscription presence).
+        route = False
         if pre_approval:
             new = replace(new, approved=True)
-            route = False  # a pre-approval is U's own state; C learns of it by subscribing
-        # Without pre-approval the cell is a plain no-op, as in ejabberd 23.01.
     elif event == Event(Direction.OUT, "unsubscribed"):
         new = replace(new, approved=False)
     elif event == Event(Direction.IN, "subscribe") and old.approved and not old.pending_in:
