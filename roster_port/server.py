@@ -9,7 +9,8 @@ Two kinds of thread, each with one job:
   no store (hello, ping, refusals), and hands every other request to the executor under its
   user's key. It never waits for the store, so a ping is answered whatever the workers are
   doing: an answered ping proves the program reads and writes. It also watches the change feed
-  (a LISTEN socket, or a poll timer) and makes `roster_changed` notifications.
+  (a LISTEN socket, or a poll timer) and reads it; each user's `roster_changed` notification
+  is then made by a worker in that user's order, like a request of the user.
 - `[serve] threads` workers run requests (Dispatcher.run), each with a store of its own when
   the adapter's connections cannot be shared (SQLite), one user's requests one at a time in the
   order they arrived (executor.py), different users' side by side;
@@ -19,12 +20,14 @@ Two kinds of thread, each with one job:
 Bounds: at most `[serve] max_in_flight` requests held (queued or running), at most
 `max_in_flight_per_user` of one user; beyond that a request is answered `overloaded` at once,
 nothing queued. A request whose `timeout_ms` passed before a worker took it up is answered
-`timeout`, never run.
+`timeout`, never run. Subscription presences and notifications are never refused that way
+(refusing them would lose what happened): they have a hard bound of their own (executor.py).
 
 Endings. EOF on stdin: the requests already read are run and answered, the store is closed,
-and the program exits 0. SIGTERM: requests not yet started are dropped (the shim's deadline
-covers them), those running are given STOP_GRACE_S to finish, and what was answered is
-written. No exception a frame or the feed can cause leaves the loop.
+and the program exits 0. SIGTERM only sets a flag (the loop ends between frames, never inside
+a write): requests not yet started are dropped (the shim's deadline covers them), those running
+are given STOP_GRACE_S to finish, and the program exits 0. No exception a frame or the feed can
+cause leaves the loop.
 """
 
 from __future__ import annotations
