@@ -36,16 +36,12 @@ MUST_RUN_FACTOR = 4
 
 class PerKeyExecutor:
     def __init__(self, run: Callable[[Any], None], *, threads: int, max_in_flight: int,
-                 max_per_key: int, name: str = "worker",
-                 thread_init: Callable[[], Any] | None = None,
-                 thread_exit: Callable[[], Any] | None = None) -> None:
+                 max_per_key: int, name: str = "worker") -> None:
         if threads < 1 or max_in_flight < 1 or max_per_key < 1:
             raise ValueError("threads, max_in_flight and max_per_key must be positive")
         self._run = run
         self._max_in_flight = max_in_flight
         self._max_per_key = max_per_key
-        self._thread_init = thread_init
-        self._thread_exit = thread_exit
         self._lock = threading.Lock()
         self._idle_threads: list[threading.Condition] = []  # waiting for work, last idle last
         self._idle = threading.Condition(self._lock)
@@ -118,36 +114,30 @@ class PerKeyExecutor:
             self._idle_threads.pop().notify()
 
     def _work(self) -> None:
-        if self._thread_init is not None:
-            self._thread_init()
         woken = threading.Condition(self._lock)
-        try:
-            while True:
-                with self._lock:
-                    while not self._ready:
-                        if self._stopping:
-                            return
-                        if woken not in self._idle_threads:
-                            self._idle_threads.append(woken)
-                        woken.wait()
-                    key = self._ready.popleft()
-                    job = self._queues[key][0]
-                    self._running += 1
-                try:
-                    self._run(job)
-                except Exception:  # noqa: BLE001 - a thread must outlive any job
-                    log.exception("a job of %r failed", key)
-                with self._lock:
-                    self._running -= 1
-                    self._in_flight -= 1
-                    queue = self._queues[key]
-                    queue.popleft()
-                    if queue and not self._stopping:
-                        self._ready.append(key)
-                    else:
-                        del self._queues[key]
-                    if self._in_flight == 0 or self._running == 0:
-                        self._idle.notify_all()
-        finally:
-            if self._thread_exit is not None:
-                self._thread_exit()
+        while True:
+            with self._lock:
+                while not self._ready:
+                    if self._stopping:
+                        return
+                    if woken not in self._idle_threads:
+                        self._idle_threads.append(woken)
+                    woken.wait()
+                key = self._ready.popleft()
+                job = self._queues[key][0]
+                self._running += 1
+            try:
+                self._run(job)
+            except Exception:  # noqa: BLE001 - a thread must outlive any job
+                log.exception("a job of %r failed", key)
+            with self._lock:
+                self._running -= 1
+                self._in_flight -= 1
+                queue = self._queues[key]
+                queue.popleft()
+                if queue and not self._stopping:
+                    self._ready.append(key)
+                else:
+                    del self._queues[key]
+                if self._in_flight == 0 or self._running == 0:
+                    self._idle.notify_all()
