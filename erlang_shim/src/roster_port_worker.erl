@@ -5,9 +5,11 @@
 %%%   - Every request written gets the next id and an entry in `pending`
 %%%     until its answer, its deadline or the program's end; any number are
 %%%     in flight, answers are matched by id. A request past its deadline is
-%%%     remembered as late: its effects are carried out when its answer
-%%%     comes (an answer of code `timeout` was never started: nothing to
-%%%     carry out).
+%%%     answered {error, timeout} by the worker itself (at the next sweep,
+%%%     at most 200 ms later) and remembered as late: its effects are carried
+%%%     out when its answer comes (an answer of code `timeout` was never
+%%%     started: nothing to carry out). So an answer reaches its caller or
+%%%     the runner, never neither.
 %%%   - The program hangs when a hello or a ping gets no answer within
 %%%     call_timeout (it answers pings from its reading loop, whatever its
 %%%     requests are doing), or when bytes written to its stdin stay unread
