@@ -23,7 +23,6 @@ of a cProfile of the program.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pstats
 import statistics
@@ -31,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +38,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 import psycopg  # noqa: E402
 
 from roster_port.client import ProgramProcess  # noqa: E402
-from program_pg import CONTACTS, HOST, load, user  # noqa: E402
+from program_pg import CONTACTS, HOST, fresh_schema, load, program_config, user  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -189,25 +187,19 @@ def main() -> int:
     cluster = ThrowawayCluster.start_new()
     server = TestServer(cluster.admin_dsn, cluster)
     try:
-        schema = f"prof_{uuid.uuid4().hex[:8]}"
-        with server.connect(server.dsn()) as connection:
-            connection.execute(f'CREATE SCHEMA "{schema}"')
-            connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements "
-                               "SCHEMA public")
-        dsn = server.dsn(schema)
+        dsn = fresh_schema(server, "prof",
+                           "CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")
         load(dsn, options.users)
         admin = psycopg.connect(server.dsn(), autocommit=True)
         if options.in_process:
             in_process(dsn, admin, options)
             return 0
         with tempfile.TemporaryDirectory(prefix="roster-port-profile-") as work:
-            config = Path(work) / "roster-port.toml"
-            config.write_text(f'[store]\nbackend = "postgres"\ndsn = {json.dumps(dsn)}\n'
-                              '[log]\nlevel = "warning"\nfile = "roster-port.log"\n')
+            config = program_config(work, dsn)
             profile_to = Path(work) / "program.prof" if options.cprofile else None
             stderr = open(Path(work) / "stderr.log", "wb")
             program = Profiled(config, profile_to, stderr)
-            program.call("hello", {"protocols": [1, 2], "shim": "profile", "host": HOST,
+            program.call("hello", {"protocols": [2], "shim": "profile", "host": HOST,
                                    "node": "profile@localhost",
                                    "change_feed": not options.no_feed})
             pid = program.process.pid

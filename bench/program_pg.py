@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,25 @@ CONTACTS = 50
 
 def user(i: int) -> str:
     return f"u{i}@{HOST}"
+
+
+def fresh_schema(server, prefix: str, *statements: str) -> str:
+    """The DSN of a new schema on `server` (a pg_cluster.TestServer), after `statements`
+    run as its admin."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with server.connect(server.dsn()) as connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+        for statement in statements:
+            connection.execute(statement)
+    return server.dsn(schema)
+
+
+def program_config(work: str | Path, dsn: str) -> Path:
+    """A configuration for the program on `dsn`, logging warnings to a file beside it."""
+    config = Path(work) / "roster-port.toml"
+    config.write_text(f'[store]\nbackend = "postgres"\ndsn = {json.dumps(dsn)}\n'
+                      '[log]\nlevel = "warning"\nfile = "roster-port.log"\n')
+    return config
 
 
 def load(dsn: str, users: int) -> None:
@@ -170,8 +190,6 @@ def main() -> int:
     parser.add_argument("--json", help="also write the medians to this file")
     options = parser.parse_args()
 
-    import uuid
-
     from pg_cluster import TestServer, ThrowawayCluster
 
     cluster = None
@@ -181,16 +199,10 @@ def main() -> int:
         cluster = ThrowawayCluster.start_new()
         server = TestServer(cluster.admin_dsn, cluster)
     try:
-        schema = f"bench_{uuid.uuid4().hex[:8]}"
-        with server.connect(server.dsn()) as connection:
-            connection.execute(f'CREATE SCHEMA "{schema}"')
-        dsn = server.dsn(schema)
+        dsn = fresh_schema(server, "bench")
         load(dsn, options.users)
         with tempfile.TemporaryDirectory(prefix="roster-port-bench-") as work:
-            config = Path(work) / "roster-port.toml"
-            config.write_text(f'[store]\nbackend = "postgres"\ndsn = {json.dumps(dsn)}\n'
-                              '[log]\nlevel = "warning"\nfile = "roster-port.log"\n')
-            results = run_all(config, options)
+            results = run_all(program_config(work, dsn), options)
     finally:
         server.stop()
 

@@ -171,8 +171,9 @@ class _ThreadStores:
             return self._main
         store = getattr(self._local, "store", None)
         if store is None:
-            store = open_store(self._config)  # StoreUnavailable: this request fails, not the thread
-            store.origin = self._main.origin
+            # StoreUnavailable: this request fails, not the thread. (Its origin, the node
+            # that stamps its writes, is set by Dispatcher.run.)
+            store = open_store(self._config)
             self._local.store = store
             with self._lock:
                 self._opened.append(store)

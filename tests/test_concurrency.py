@@ -7,16 +7,17 @@ answers it expects (with a generous bound, so that a regression fails instead of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from roster_port.client import ProgramProcess
-from roster_port.config import Limits
 from roster_port.dispatcher import Answer, Dispatcher, Job
 from roster_port.executor import PerKeyExecutor
 from roster_port.framing import Frame
@@ -186,6 +187,18 @@ class Reader:
             return request_id in self.answers
 
 
+@contextlib.contextmanager
+def write_lock_held(database) -> Iterator[None]:
+    """Another application holds SQLite's write lock on `database` until the block ends."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def _sqlite_config(tmp_path, *, busy_timeout_ms: int, extra: str = "") -> str:
     path = tmp_path / "roster-port.toml"
     path.write_text(
@@ -207,9 +220,7 @@ def test_sqlite_readers_are_answered_while_one_writer_waits_for_another_process(
             program.call("roster_iq", {"user": user, "requester": user, "type": "set",
                                        "items": [{"jid": BOB, "name": "Bob"}]})
         reader = Reader(program)
-        holder = sqlite3.connect(tmp_path / "rosters.sqlite", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # another application holds the write lock
-        try:
+        with write_lock_held(tmp_path / "rosters.sqlite"):
             stuck = _add(program, ALICE, BOB)
             # Alice's next request waits behind hers, and its deadline passes meanwhile.
             queued = program.send("roster_get", {"user": ALICE, "timeout_ms": 1})
@@ -222,9 +233,6 @@ def test_sqlite_readers_are_answered_while_one_writer_waits_for_another_process(
             # queued behind it are all that is left.
             assert reader.ping_until({"in_flight": 2, "running": 1})
             assert not reader.has(stuck) and not reader.has(queued)
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         reader.wait_for([stuck, queued])
         assert reader.answers[stuck][2] is None  # it got the lock once the other let go
         assert reader.answers[queued][2]["code"] == "timeout"
@@ -238,17 +246,12 @@ def test_a_subscription_presence_queued_past_its_deadline_is_still_applied(tmp_p
     with ProgramProcess(config, hello=False) as program:
         program.call("hello", HELLO)
         reader = Reader(program)
-        holder = sqlite3.connect(tmp_path / "rosters.sqlite", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with write_lock_held(tmp_path / "rosters.sqlite"):
             stuck = _add(program, ALICE, "carol@example.com")
             presence = program.send("out_subscription", {"user": ALICE, "contact": BOB,
                                                          "type": "subscribe", "timeout_ms": 1})
             read = program.send("roster_get", {"user": ALICE, "timeout_ms": 1})
             assert reader.ping_until({"in_flight": 3, "running": 1})
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         reader.wait_for([stuck, presence, read])
         assert reader.answers[read][2]["code"] == "timeout"  # a read: nothing is lost
         assert reader.answers[presence][2] is None and reader.answers[presence][3]["route"] is True
@@ -278,17 +281,12 @@ def test_a_flood_of_one_users_requests_is_refused_beyond_its_bound_and_others_ar
     with ProgramProcess(config, hello=False) as program:
         program.call("hello", HELLO)
         reader = Reader(program)
-        holder = sqlite3.connect(tmp_path / "rosters.sqlite", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with write_lock_held(tmp_path / "rosters.sqlite"):
             flood = [_add(program, ALICE, f"c{n}@example.com") for n in range(15)]
             others = [program.send("roster_get", {"user": user}) for user in OTHERS]
             reader.wait_for(others + flood[10:])
             assert [reader.answers[i][2]["code"] for i in flood[10:]] == ["overloaded"] * 5
             assert all(reader.answers[i][2] is None for i in others)
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         reader.wait_for(flood[:10])
         assert all(reader.answers[i][2] is None for i in flood[:10])
 

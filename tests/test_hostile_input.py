@@ -21,11 +21,11 @@ import msgpack
 import pytest
 
 from roster_port.client import ProgramProcess
-from roster_port.dispatcher import Dispatcher
 from roster_port.framing import Frame, encode_frame
 from roster_port.messages import decode_message, encode_request
 from roster_port.roster import Rules
 from roster_port.store.sqlite import SQLiteStore
+from test_concurrency import write_lock_held
 from test_dispatcher import ALICE, BOB, CAROL, Session, session_with
 from test_store_sqlite import outside_sql
 
@@ -352,9 +352,7 @@ def test_a_sigterm_while_a_request_is_stuck_ends_the_program_between_whole_frame
     program = ProgramProcess(str(config), hello=False)
     try:
         program.call("hello", {"protocols": [2], "host": "example.com"})
-        holder = sqlite3.connect(tmp_path / "rosters.sqlite", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # the write below waits for it
-        try:
+        with write_lock_held(tmp_path / "rosters.sqlite"):  # the write below waits for it
             program.send("roster_iq", {"user": ALICE, "requester": ALICE, "type": "set",
                                        "items": [{"jid": BOB, "name": "Bob"}]})
             # Until a worker has taken the write up (it then waits for the lock).
@@ -363,9 +361,6 @@ def test_a_sigterm_while_a_request_is_stuck_ends_the_program_between_whole_frame
                 assert time.monotonic() < deadline, "the write was never taken up"
             program.process.send_signal(signal.SIGTERM)
             assert program.process.wait(timeout=60) == 0
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         rest = program.process.stdout.read()  # whatever it wrote after the ping's answer
         offset = 0
         while offset < len(rest):  # whole frames only

@@ -43,6 +43,17 @@ SHIM_EBIN = REPO / "erlang_shim" / "ebin"
 EJABBERD_LIBS = Path("/usr/lib/x86_64-linux-gnu")
 
 
+def _poll_until(condition, timeout: float, failure) -> None:
+    """Until `condition()` holds, read again every 50 ms (what it reads, ejabberd's or the
+    program's log files and the shim's transcript, wakes nobody); AssertionError(failure())
+    once `timeout` seconds have passed without."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(failure())
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -290,11 +301,8 @@ modules:
     def wait_for_log(self, text: str, count: int = 1, offset: int = 0,
                      timeout: float = 15.0) -> None:
         """Waits until ejabberd's log has `text` at least `count` times after byte `offset`."""
-        deadline = time.monotonic() + timeout
-        while self._log_count(text, offset) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged {count} times within {timeout} s")
-            time.sleep(0.05)
+        _poll_until(lambda: self._log_count(text, offset) >= count, timeout,
+                    lambda: f"{text!r} not logged {count} times within {timeout} s")
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -339,22 +347,21 @@ modules:
         db.close()
         # The feed of this server reports the users of its host only.
         made = {user: n for user, n in made.items() if user.endswith("@" + self.host)}
-        deadline = time.monotonic() + timeout
-        while True:
-            reported = self._reported_outside_changes(offset)
+
+        def newly_notified() -> dict[str, int]:
             notified = self._notifications()
-            if all(sum(reported.get(user, [])) >= n
-                   and (not self.transcript
-                        or notified.get(user, 0) - notified_before.get(user, 0)
-                        >= len(reported[user]))
-                   for user, n in made.items()):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"the change feed did not report {made} within {timeout} s "
-                    f"(program log: {reported}; notifications read by the shim: "
-                    f"{ {u: notified.get(u, 0) - notified_before.get(u, 0) for u in made} })")
-            time.sleep(0.05)
+            return {user: notified.get(user, 0) - notified_before.get(user, 0) for user in made}
+
+        def all_reported() -> bool:
+            reported, notified = self._reported_outside_changes(offset), newly_notified()
+            return all(sum(reported.get(user, [])) >= n
+                       and (not self.transcript or notified[user] >= len(reported[user]))
+                       for user, n in made.items())
+
+        _poll_until(all_reported, timeout, lambda: (
+            f"the change feed did not report {made} within {timeout} s (program log: "
+            f"{self._reported_outside_changes(offset)}; notifications read by the shim: "
+            f"{newly_notified()})"))
 
     def _reported_outside_changes(self, offset: int) -> dict[str, list[int]]:
         """{user: [N of each "<user>: N rows changed outside XMPP" line]} of the program log
