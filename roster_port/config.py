@@ -7,8 +7,9 @@
     # dsn = "host=db dbname=app user=roster_port"   # postgres: libpq connection string or URI
     # pool_min = 1                 # postgres: connections kept open per program process
     # pool_max = 5                 # default: [serve] threads + 1, so no request waits for one
-    # connect_timeout_s = 2.0      # postgres: fail fast when the server is down (keep it, plus
-    #                              # the lock timeout, under the shim's call_timeout)
+    # connect_timeout_s = 2.0      # postgres: how long a request waits for a connection at
+    #                              # most (a server that is down is found out at once; keep
+    #                              # it, plus the lock timeout, under the shim's call_timeout)
     # lock_timeout_ms = 2000       # postgres: how long a write waits for another transaction
     #                              # holding the same user's roster (an application's row lock)
 

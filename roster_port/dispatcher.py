@@ -9,7 +9,9 @@ request, the user it is about (the key that orders it), the operation and its de
 `Dispatcher.run(job, store, now)` then opens one store transaction on the user, runs the roster
 function the `OPERATIONS` table names for the op, and encodes the response: the result with its
 effects, or an error. A job whose deadline has passed is answered `timeout` without touching
-the store. `handle(event)` does both in one go (the serial path of tests and tools).
+the store; otherwise the store waits (for a lock, a connection) no longer than what is left of
+the deadline (`_store_timeout`), so that a store held up answers `store_unavailable` while the
+shim still waits. `handle(event)` does both in one go (the serial path of tests and tools).
 
 Neither raises: every failure becomes an error response (or, when no request id can be read, a
 log line and no response). The dispatcher knows nothing of threads or pipes: the stdio loop
@@ -86,8 +88,12 @@ def _presence_type_arg(args: dict[str, Any]) -> str:
 def _subscription_handler(direction: Direction) -> Handler:
     def handle(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outcome:
         event = Event(direction, _presence_type_arg(args))
+        replay = args.get("replay", False)
+        if type(replay) is not bool:
+            raise ProtocolError("bad_request", "replay must be true or false")
         return roster.subscription(
-            txn, rules, _contact_arg(args), event, _text_arg(args, "status", optional=True)
+            txn, rules, _contact_arg(args), event, _text_arg(args, "status", optional=True),
+            replayed=replay,
         )
 
     return handle
@@ -155,6 +161,21 @@ OPERATIONS: dict[str, Operation] = {
         lambda txn, rules, args: roster.store_read_version(txn, rules), writes=False
     ),
 }
+
+
+# What a request's store scope is given of its deadline: a little less, so that the answer
+# is written before the shim stops waiting (the program counts from when it read the frame).
+ANSWER_MARGIN_S = 0.05
+# Even a request with almost no time left may run what needs no waiting.
+MIN_STORE_TIMEOUT_S = 0.01
+
+
+def _store_timeout(deadline: float | None, now: float) -> float | None:
+    """How long the store may wait for a job (a lock, a connection): what is left of its
+    deadline; None (the store's own bounds) without one, or past it (work that must run)."""
+    if deadline is None or now >= deadline:
+        return None
+    return max(MIN_STORE_TIMEOUT_S, deadline - now - ANSWER_MARGIN_S)
 
 
 def _deadline(args: dict[str, Any], now: float) -> float | None:
@@ -256,7 +277,9 @@ class Dispatcher:
             if self.origin is not None and store.origin != self.origin:
                 store.origin = self.origin
             writes = job.operation.writes_for(request.args)
-            with (store.transaction if writes else store.snapshot)(job.user) as txn:
+            timeout = _store_timeout(job.deadline, now)
+            with (store.transaction if writes else store.snapshot)(job.user,
+                                                                   timeout=timeout) as txn:
                 outcome = job.operation.handler(txn, self.rules, request.args)
             result = {**outcome.result, "effects": [effect.to_wire() for effect in outcome.effects]}
             return self._response(request, result)
@@ -341,6 +364,13 @@ class Dispatcher:
             return None
         log.info("%s: %d rows changed outside XMPP", user, len(changes))
         return payload
+
+    def feed_resumed(self) -> bytes:
+        """The `feed_resumed` notification: the feed reads again after a time it could not
+        (at start, or after losing its connection), so whatever the shim read and kept
+        meanwhile may miss a change the feed will never report: it drops every cache."""
+        log.info("the change feed reads again; telling the shim to drop what it cached")
+        return encode_notification("feed_resumed", {"effects": []})
 
     def notifications(self, changes: list[OutsideChange]) -> list[bytes]:
         """Every notification for `changes`, on the dispatcher's own store (the serial path)."""

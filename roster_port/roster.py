@@ -310,11 +310,19 @@ def subscription(
     contact: str,
     event: Event,
     status: str | None,
+    *,
+    replayed: bool = False,
 ) -> Outcome:
     """A subscription presence between U (`txn.user`) and `contact`, in either direction.
 
     The result says, for an inbound presence, whether to deliver it to U's clients and, for an
     outbound one, whether it may go on to the contact (a pre-approval may not).
+
+    `replayed`: the shim sends the presence again because it never got the first answer, which
+    may have been applied (subscription.step). An inbound one that the stored state shows
+    applied is delivered all the same, with a push of the item as it stands: the first
+    answer's push went with it. An outbound one needs nothing: applied again, it changes
+    nothing and is routed as the first time.
     """
     answer_key = "deliver" if event.direction is Direction.IN else "route"
     if contact == txn.user:
@@ -331,7 +339,9 @@ def subscription(
         event,
         pre_approval=rules.policy.pre_approval,
         auto_unsubscribed=rules.policy.auto_unsubscribed,
-        mutual_rows=rules.policy.mutual_rows,
+        # A replay is delivered on mutual_rows' rule: when the stored state shows the event
+        # applied already (its first delivery went with the lost answer).
+        mutual_rows=rules.policy.mutual_rows or replayed,
     )
     new = moved.new
     in_roster = row.in_roster or (
@@ -372,6 +382,9 @@ def subscription(
             updated = txn.put(updated) or updated
         if updated.in_roster and moved.changed:
             effects.append(Push(txn.user, wire_item(updated), _version(txn, rules)))
+    if replayed and moved.deliver and not moved.changed and updated.in_roster:
+        # Applied the first time (only the replay rule delivers what changes no state).
+        effects.append(Push(txn.user, wire_item(updated), _version(txn, rules)))
     if moved.auto_reply:
         effects.append(RoutePresence(txn.user, contact, moved.auto_reply))
     if moved.gained_from:

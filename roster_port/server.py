@@ -23,6 +23,14 @@ nothing queued. A request whose `timeout_ms` passed before a worker took it up i
 `timeout`, never run. Subscription presences and notifications are never refused that way
 (refusing them would lose what happened): they have a hard bound of their own (executor.py).
 
+The store. A PostgreSQL database that cannot be reached at start is waited for (the store
+tries in the background): hello and ping are answered as ever, requests `store_unavailable`
+at once, and the program serves as soon as the database is reached and set up, without a
+restart. A database that can be reached and does not fit (a mapping naming a missing table,
+a wrong encoding) is no reason to wait: the program logs why and exits 1, at start or when
+the store finds it out later. A change feed that reads again after a time it could not
+(take_resumed) is followed by a `feed_resumed` notification.
+
 Endings. EOF on stdin: the requests already read are run and answered, the store is closed,
 and the program exits 0. SIGTERM only sets a flag (the loop ends between frames, never inside
 a write): requests not yet started are dropped (the shim's deadline covers them), those running
@@ -49,7 +57,7 @@ from .dispatcher import Answer, Dispatcher, Job
 from .executor import PerKeyExecutor
 from .framing import FrameDecoder, encode_frame
 from .roster import Rules
-from .store.base import ChangeFeed, OutsideChange, RosterStore
+from .store.base import ChangeFeed, OutsideChange, RosterStore, StoreError
 from .store.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -195,7 +203,15 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     except NoProtocolChannel as exc:
         log.error("%s; exiting", exc)
         return 1
-    store = open_store(config)
+    try:
+        # A PostgreSQL database that cannot be reached yet is waited for: requests are
+        # answered store_unavailable meanwhile, hello and ping as ever.
+        store = open_store(config, wait_for_database=True)
+    except StoreError as exc:
+        # Reached, and it does not fit (a mapping naming a missing table...), or SQLite's file
+        # cannot be opened: nothing to serve. A clear line, no traceback.
+        log.error("cannot serve rosters: %s; exiting", exc)
+        return 1
     serving = config.serve
     log.info("serving rosters from %s (pid %d, %d threads, at most %d requests in flight)",
              store.describe(), os.getpid(), serving.threads, serving.max_in_flight)
@@ -205,13 +221,21 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     broken = threading.Event()
+    failures: list[StoreError] = []  # the store found it can never serve (set_failure_handler)
 
-    def on_broken() -> None:
-        broken.set()
+    def wake() -> None:
         try:
             os.write(wake_write, b"x")
         except OSError:  # full (already awake) or closed (exiting)
             pass
+
+    def on_broken() -> None:
+        broken.set()
+        wake()
+
+    def on_store_failure(exc: StoreError) -> None:
+        failures.append(exc)
+        wake()
 
     writer = FrameWriter(frames_fd, on_broken)
     stores = _ThreadStores(config, store)
@@ -238,6 +262,7 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
         return {"in_flight": in_flight, "running": running}
 
     dispatcher.status = status
+    store.set_failure_handler(on_store_failure)
     # ejabberd stops its ports by closing the pipe; a TERM from an operator stops us too. The
     # handler only sets a flag: the loop ends between two frames, never inside a write.
     terminated = threading.Event()
@@ -249,7 +274,7 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
     feed_fd: int | None = None  # the feed's descriptor as registered (it changes on reconnect)
     eof = False
     try:
-        while not (terminated.is_set() or broken.is_set()):
+        while not (terminated.is_set() or broken.is_set() or failures):
             feed = dispatcher.feed
             if (fd := feed.fileno() if feed is not None else None) != feed_fd:
                 if feed_fd is not None:
@@ -282,9 +307,13 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
                     if not executor.submit(user, _Notify(user, changes), must_run=True):
                         log.error("changes to %s made outside XMPP not pushed: %d requests in "
                                   "flight", user, executor.counts()[0])
+                if feed.take_resumed():
+                    writer.add(dispatcher.feed_resumed())
     finally:
         if terminated.is_set():
             log.info("stopped by SIGTERM")
+        for failure in failures[:1]:
+            log.error("cannot serve rosters: %s; exiting", failure)
         if decoder.buffered:
             log.warning("EOF inside a frame: %d bytes of an incomplete frame dropped", decoder.buffered)
         if eof:
@@ -305,7 +334,7 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
             stores.close()
             store.close()
             log.info("store closed; exiting")
-    return 0
+    return 1 if failures else 0
 
 
 def _full_because(executor: PerKeyExecutor, serving) -> str:

@@ -357,3 +357,68 @@ def test_a_repeated_request_keeps_its_first_text_or_brings_a_missing_one(session
     session.inbound(ALICE, CAROL, "subscribe")
     session.inbound(ALICE, CAROL, "subscribe", "now with a text")
     assert session.item(ALICE, CAROL)["askmessage"] == "now with a text"
+
+
+# --- Replayed subscription presences (the shim's journal) -------------------------------------
+
+
+def replayed(session: Session, op: str, user: str, contact: str, kind: str) -> dict[str, Any]:
+    """A presence the shim sends again because it never got the first answer."""
+    return session.ok(op, {"user": user, "contact": contact, "type": kind, "status": None,
+                           "replay": True})
+
+
+def test_a_replayed_inbound_subscribe_already_applied_is_delivered_again(session):
+    assert session.inbound(ALICE, BOB, "subscribe", "hi")["deliver"] is True  # N -> N+PI
+    # Its answer was lost: sent again, the state shows it applied. Delivered all the same (the
+    # first delivery went with the answer); a plain repeat is not.
+    assert replayed(session, "in_subscription", ALICE, BOB, "subscribe") == {
+        "deliver": True, "effects": []}  # a stranger's request: no item to push
+    assert session.inbound(ALICE, BOB, "subscribe")["deliver"] is False
+    assert session.ok("pending_in", {"user": ALICE})["requests"] == [{"from": BOB, "status": "hi"}]
+
+
+def test_a_replayed_inbound_subscribed_already_applied_is_delivered_with_its_push(session):
+    session.set(ALICE, {"jid": BOB, "name": "Bob"})
+    session.out(ALICE, BOB, "subscribe")
+    first = session.inbound(ALICE, BOB, "subscribed")  # N+PO -> T
+    assert first["deliver"] is True
+    [push] = first["effects"]
+    again = replayed(session, "in_subscription", ALICE, BOB, "subscribed")
+    # The push of the first answer was lost with it: the item as it stands, same version.
+    assert again == {"deliver": True, "effects": [push]}
+    assert session.inbound(ALICE, BOB, "subscribed") == {"deliver": False, "effects": []}
+    assert session.item(ALICE, BOB)["subscription"] == "to"
+
+
+def test_a_replayed_inbound_presence_not_applied_yet_is_applied_as_the_first_time(session):
+    session.out(ALICE, BOB, "subscribe")
+    result = replayed(session, "in_subscription", ALICE, BOB, "subscribed")
+    assert result["deliver"] is True
+    assert [effect["item"]["subscription"] for effect in result["effects"]] == ["to"]
+    # An unsubscribed replayed once applied changes nothing more: nothing to deliver again.
+    assert session.inbound(ALICE, BOB, "unsubscribed")["deliver"] is True  # T -> N
+    assert replayed(session, "in_subscription", ALICE, BOB, "unsubscribed") == {
+        "deliver": False, "effects": []}
+
+
+def test_replayed_outbound_presences_already_applied_are_routed_again(session):
+    # Applied again, an outbound presence changes nothing and goes on to the contact as the
+    # first time: only the pre-approval cases are not routed, replayed or not.
+    assert session.out(ALICE, BOB, "subscribe")["route"] is True
+    assert replayed(session, "out_subscription", ALICE, BOB, "subscribe") == {
+        "route": True, "effects": []}
+    session.inbound(ALICE, CAROL, "subscribe")
+    assert session.out(ALICE, CAROL, "subscribed")["route"] is True  # N+PI -> F
+    assert replayed(session, "out_subscription", ALICE, CAROL, "subscribed")["route"] is True
+    assert session.out(ALICE, CAROL, "unsubscribed")["route"] is True  # F -> N
+    assert replayed(session, "out_subscription", ALICE, CAROL, "unsubscribed")["route"] is True
+    dave = "dave@example.org"
+    assert session.out(ALICE, dave, "subscribed")["route"] is False  # a pre-approval
+    assert replayed(session, "out_subscription", ALICE, dave, "subscribed")["route"] is False
+
+
+def test_replay_must_be_a_boolean(session):
+    error = session.error("in_subscription", {"user": ALICE, "contact": BOB, "type": "subscribe",
+                                              "replay": "yes"})
+    assert error["code"] == "bad_request" and "replay" in error["message"]

@@ -1,22 +1,26 @@
 %%% @doc The hooks of mod_roster that mod_roster_port takes over (the table
-%%% is mod_roster_port's ?TAKEN_OVER), and user_send_packet. Each turns its
+%%% is roster_port_takeover's ?TAKEN_OVER), and user_send_packet. Each turns its
 %%% arguments into one request (roster_port_call) and the answer into what
 %%% the hook must return; when the program cannot answer, the hook returns
 %%% the safe answer of docs/protocol.md. Nothing here may crash or stall
 %%% ejabberd because of the program, nor decide anything about a roster.
 %%%
 %%% The module's name is part of the takeover: it must sort where
-%%% mod_roster's does among handlers of the same sequence (mod_roster_port,
+%%% mod_roster's does among handlers of the same sequence (roster_port_takeover,
 %%% ?HOOKS).
 %%%
 %%% Reads (roster_get, roster_get_jid_info) are answered from the exact
 %%% cache when it can (roster_port_cache; README, "The read cache").
 %%%
-%%% Outgoing subscription presences are forwarded from user_send_packet, not
+%%% Subscription presences, both ways, go through roster_port_call's
+%%% subscription/5 and so through the journal: each is applied and carried
+%%% out (routed, delivered) on both sides or on neither, now or later
+%%% (roster_port_journal). Outgoing ones are taken in user_send_packet, not
 %%% roster_out_subscription: ejabberd_c2s routes the presence to the contact
-%%% whatever roster_out_subscription says, and a pre-approval (RFC 6121 3.4)
-%%% must not reach the contact. roster_out_subscription still forwards a
-%%% presence that did not come through user_send_packet.
+%%% whatever roster_out_subscription says, and one that was not applied, or
+%%% a pre-approval (RFC 6121 3.4), must not reach the contact.
+%%% roster_out_subscription still applies a presence that did not come
+%%% through user_send_packet.
 -module(mod_roster_port_hooks).
 
 -export([roster_get/2, in_subscription/2, out_subscription/1, user_send_packet/1,
@@ -47,17 +51,30 @@ roster_get(Acc, {LUser, LServer}) ->
             end
     end.
 
+%% An inbound subscription presence: delivered now if the program applied
+%% it and says so; one that cannot be applied now is journalled and
+%% delivered by the journal once applied (roster_port_call:subscription/5).
 in_subscription(_Acc, #presence{from = From, to = To, type = Type} = Pres) ->
     #jid{luser = LUser, lserver = LServer} = To,
     Args = #{<<"contact">> => roster_port_wire:bare(From),
              <<"type">> => atom_to_binary(Type),
              <<"status">> => roster_port_wire:status(Pres)},
-    case roster_port_call:call(LServer, LUser, <<"in_subscription">>, Args, #{keep => true}) of
-        {ok, #{<<"deliver">> := Deliver}} -> Deliver == true;
+    case roster_port_call:subscription(LServer, LUser, <<"in_subscription">>, Args,
+                                       fun(Result) -> maps:get(<<"deliver">>, Result, false) end) of
+        {done, Deliver} -> Deliver == true;
         _ -> false
     end.
 
-%% Outgoing subscription presences, before ejabberd_c2s routes them.
+%% Outgoing subscription presences, before ejabberd_c2s routes them. The
+%% presence is applied to the user's roster and routed here, in one journal
+%% entry, and ejabberd_c2s is told to drop it: routed by ejabberd_c2s after
+%% this hook, a presence whose application failed would reach the contact
+%% alone (a one-sided pair), and its routing to a local contact (which runs
+%% that contact's roster_in_subscription) would not share this hook's
+%% deadline. What ejabberd_c2s does with it otherwise is done here too, in
+%% its order: roster_out_subscription, the privacy check (before the program
+%% is asked: a presence the privacy list refuses changes nothing), the route
+%% from the bare JID.
 user_send_packet({#presence{type = Type, to = #jid{} = To} = Pres,
                   #{jid := #jid{luser = LUser, lserver = LServer} = JID} = State})
   when Type == subscribe; Type == subscribed;
@@ -65,34 +82,57 @@ user_send_packet({#presence{type = Type, to = #jid{} = To} = Pres,
     Own = {To#jid.luser, To#jid.lserver, To#jid.lresource} == {LUser, LServer, <<>>},
     Access = mod_roster_opt:access(LServer),
     Allowed = acl:match_rule(LServer, Access, jid:remove_resource(JID)) == allow,
-    if Own; not Allowed ->
+    Pres1 = xmpp:put_meta(Pres#presence{from = JID}, ?FORWARDED, true),
+    Privacy = Allowed andalso not Own andalso
+        ejabberd_hooks:run_fold(privacy_check_packet, LServer, allow,
+                                [State, Pres1, out]) == allow,
+    if not Privacy ->
             %% A presence to oneself is no subscription; a denied one gets
-            %% its error from ejabberd_c2s.
-            {Pres, State};
+            %% its error from ejabberd_c2s, which checks both again.
+            {Pres1, State};
        true ->
-            case forward_out_subscription(LServer, LUser, Pres#presence{from = JID}) of
-                false -> {drop, State};
-                true -> {xmpp:put_meta(Pres, ?FORWARDED, true), State}
+            case forward_out_subscription(LServer, LUser, Pres1) of
+                {error, Reason} ->
+                    Lang = maps:get(lang, State, <<"en">>),
+                    {drop, ejabberd_c2s:send(State, refusal(Pres1, Reason, Lang))};
+                _Done_or_later ->
+                    {drop, State}
             end
     end;
 user_send_packet(Acc) ->
     Acc.
 
+%% A presence that did not come through user_send_packet (another module
+%% ran the hook): applied; whoever ran the hook routes it.
 out_subscription(#presence{from = #jid{luser = LUser, lserver = LServer}} = Pres) ->
     case xmpp:get_meta(Pres, ?FORWARDED, false) of
-        true -> ok;
-        false -> _ = forward_out_subscription(LServer, LUser, Pres), ok
+        true ->
+            ok;
+        false ->
+            Args = subscription_args(Pres),
+            _ = roster_port_call:subscription(LServer, LUser, <<"out_subscription">>, Args,
+                                              fun(_) -> ok end),
+            ok
     end.
 
-%% Returns whether the presence must still be routed to the contact.
-forward_out_subscription(LServer, LUser, #presence{to = To, type = Type} = Pres) ->
-    Args = #{<<"contact">> => roster_port_wire:bare(To),
-             <<"type">> => atom_to_binary(Type),
-             <<"status">> => roster_port_wire:status(Pres)},
-    case roster_port_call:call(LServer, LUser, <<"out_subscription">>, Args, #{keep => true}) of
-        {ok, #{<<"route">> := false}} -> false;
-        _ -> true
-    end.
+forward_out_subscription(LServer, LUser, Pres) ->
+    roster_port_call:subscription(
+      LServer, LUser, <<"out_subscription">>, subscription_args(Pres),
+      fun(Result) -> roster_port_effects:route_subscription(LServer, Pres, Result) end).
+
+subscription_args(#presence{to = To, type = Type} = Pres) ->
+    #{<<"contact">> => roster_port_wire:bare(To),
+      <<"type">> => atom_to_binary(Type),
+      <<"status">> => roster_port_wire:status(Pres)}.
+
+%% The error presence a client gets for an outgoing subscription presence
+%% that was not applied and will not be.
+refusal(Pres, full, _Lang) ->
+    xmpp:make_error(Pres, xmpp:err_resource_constraint());
+refusal(Pres, {program, #{<<"stanza_error">> := #{} = E}}, Lang) ->
+    xmpp:make_error(Pres, roster_port_wire:stanza_error(E, Lang));
+refusal(Pres, _, _Lang) ->
+    xmpp:make_error(Pres, xmpp:err_internal_server_error()).
 
 %% The hot path. With the cache, a user's whole store is loaded once
 %% (store_get_roster: every row, strangers' pending requests included, with

@@ -7,13 +7,29 @@
 %%% returns. A failure is returned, never raised: each caller picks its safe
 %%% answer (docs/protocol.md).
 %%%
+%%% What one hook may cost its process is bounded: the outermost call of a
+%%% process sets a deadline (call_timeout from now) that every call nested in
+%%% it shares (effects that route a presence to a local contact run that
+%%% contact's hook in the same process; remove_user routes one per contact),
+%%% so a hook never waits for the program much longer than call_timeout in
+%%% all. A nested call past the deadline fails at once with {error,
+%%% timeout}; a subscription presence so failed is carried out later by the
+%%% journal.
+%%%
+%%% subscription/5 is the only way subscription presences reach the
+%%% program: journalled first (roster_port_journal), so that each is carried
+%%% out on both sides or on neither.
+%%%
 %%% The conversions skip what names a JID ejabberd cannot parse, with one
 %%% warning line each (README, "JIDs ejabberd cannot parse").
 -module(roster_port_call).
 
--export([call/4, call/5, roster_items/3, records/4, log_skipped/3]).
+-export([call/4, call/5, subscription/5, within_deadline/2, roster_items/3, records/4,
+         log_skipped/3]).
 
 -include("logger.hrl").
+
+-define(DEADLINE, roster_port_hook_deadline).
 
 %% The conversions of the program's answers that skip what names a JID
 %% ejabberd cannot parse (a row another application wrote), one warning
@@ -40,6 +56,78 @@ call(LServer, LUser, Op, Args) ->
 
 %% Sends one request and carries out the effects of its answer.
 call(LServer, LUser, Op, Args, CallOpts) ->
+    within_deadline(
+      LServer,
+      fun() -> do_call(LServer, LUser, Op, Args, CallOpts#{deadline => get(?DEADLINE)}) end).
+
+%% @doc Runs Fun under the process's hook deadline: the one already set by an
+%% outer call, or call_timeout from now.
+-spec within_deadline(binary(), fun(() -> T)) -> T.
+within_deadline(LServer, Fun) ->
+    case get(?DEADLINE) of
+        undefined ->
+            Timeout = case roster_port_pool:settings(LServer) of
+                          #{call_timeout := T} -> T;
+                          _ -> 0
+                      end,
+            put(?DEADLINE, erlang:monotonic_time(millisecond) + Timeout),
+            try Fun() after erase(?DEADLINE) end;
+        _ ->
+            Fun()
+    end.
+
+%% @doc A subscription presence of LUser's (Op: in_subscription or
+%% out_subscription), journalled before it is sent. CarryOut(Result) does
+%% what the program's answer says (route the presence, or deliver it) and is
+%% part of the entry: the entry is done once CarryOut has returned.
+%% {done, Value}: applied and carried out now (Value: what CarryOut
+%% returned); later: not now, the journal carries it out when it can (the
+%% caller must neither route nor deliver it); {error, Reason}: refused,
+%% nothing applied (the program's refusal, or a full journal).
+-spec subscription(binary(), binary(), binary(), map(), fun((map()) -> T)) ->
+          {done, T} | later | {error, term()}.
+subscription(LServer, LUser, Op, Args, CarryOut) ->
+    User = <<LUser/binary, "@", LServer/binary>>,
+    within_deadline(
+      LServer,
+      fun() ->
+              case roster_port_journal:append(LServer, User, Op, Args#{<<"user">> => User}) of
+                  {run, Seq} ->
+                      case call(LServer, LUser, Op, Args) of
+                          {ok, Result} ->
+                              try CarryOut(Result) of
+                                  Value ->
+                                      roster_port_journal:done(LServer, Seq),
+                                      {done, Value}
+                              catch Class:Reason:Stack ->
+                                      roster_port_journal:failed(LServer, Seq,
+                                                                 {crashed, Reason}),
+                                      erlang:raise(Class, Reason, Stack)
+                              end;
+                          Error ->
+                              roster_port_journal:failed(LServer, Seq, Error),
+                              case roster_port_journal:retry_reason(Error) of
+                                  {retry, _} -> later;
+                                  final -> Error
+                              end
+                      end;
+                  queued ->
+                      later;
+                  {error, full} = Full ->
+                      Full;
+                  {error, no_journal} ->
+                      %% Only while the journal restarts (a bug, logged by its
+                      %% supervisor): applied and carried out now, or not at all.
+                      ?ERROR_MSG("roster-port: no journal for ~ts; ~ts for ~ts sent "
+                                 "without it", [LServer, Op, User]),
+                      case call(LServer, LUser, Op, Args) of
+                          {ok, Result} -> {done, CarryOut(Result)};
+                          Error -> Error
+                      end
+              end
+      end).
+
+do_call(LServer, LUser, Op, Args, CallOpts) ->
     User = <<LUser/binary, "@", LServer/binary>>,
     case roster_port_pool:call(LServer, User, Op, Args, CallOpts) of
         {ok, Result} = Ok ->

@@ -16,7 +16,8 @@
 %%% stops the runner.
 -module(roster_port_effects).
 
--export([start_runner/3, run/2, run_effects/2, handle_async/2]).
+-export([start_runner/3, run/2, run_effects/2, handle_async/2, route_subscription/3,
+         replay/3]).
 
 -include("logger.hrl").
 -include("xmpp.hrl").
@@ -155,23 +156,79 @@ effect(Other) ->
 handle_async(Host, {notification, <<"roster_changed">>, Params}) ->
     %% The worker has already dropped the user's cached reads.
     run_effects(Host, maps:get(<<"effects">>, Params, []));
+handle_async(_Host, {notification, <<"feed_resumed">>, _Params}) ->
+    %% The program's change feed is connected again; the worker has emptied
+    %% the read cache, as for any notification but roster_changed.
+    ok;
 handle_async(Host, {notification, Name, _Params}) ->
     ?WARNING_MSG("roster-port ~ts: ignoring unknown notification ~ts", [Host, Name]);
-handle_async(Host, {replayed, <<"in_subscription">>, Args, {ok, Result}}) ->
-    run_effects(Host, maps:get(<<"effects">>, Result, [])),
-    case maps:get(<<"deliver">>, Result, false) of
-        true -> deliver_late_presence(Args);
-        false -> ok
-    end;
-handle_async(Host, {Kind, _Op, _Args, {ok, Result}}) when Kind == replayed; Kind == late ->
+handle_async(Host, {late, _Op, _Args, {ok, Result}}) ->
     run_effects(Host, maps:get(<<"effects">>, Result, []));
 handle_async(Host, {Kind, Op, Args, Error}) ->
     ?ERROR_MSG("roster-port ~ts: ~ts request ~ts ~p failed: ~p",
                [Host, Kind, Op, Args, Error]).
 
-%% An inbound subscription presence kept while the program was down, now
-%% accepted: hand it to the user's available sessions as ejabberd_sm would
-%% have (routing it again would run roster_in_subscription twice).
+%%%===================================================================
+%%% Subscription presences: carrying out what the program answered
+%%%===================================================================
+
+%% @doc An outgoing subscription presence the program applied: routed to the
+%% contact unless the program says not to (a pre-approval), from the bare
+%% JID, as ejabberd_c2s would, after the roster_out_subscription hook (which
+%% other modules may handle; ours skips a presence so marked).
+-spec route_subscription(binary(), presence(), map()) -> ok.
+route_subscription(LServer, #presence{from = From} = Pres, Result) ->
+    case maps:get(<<"route">>, Result, true) of
+        false ->
+            ok;
+        _ ->
+            ejabberd_hooks:run(roster_out_subscription, LServer, [Pres]),
+            ejabberd_router:route(xmpp:set_from(xmpp:del_meta(Pres, roster_port_forwarded),
+                                                jid:remove_resource(From)))
+    end.
+
+%% @doc The journal's `apply` function (roster_port_journal): carries out a
+%% journalled subscription presence from the start, in the process the
+%% journal spawned for it. Returns ok, {retry, Why} or {dropped, Why}.
+-spec replay(binary(), binary(), map()) -> ok | {retry, atom()} | {dropped, term()}.
+replay(Host, Op, #{<<"user">> := User} = Args) ->
+    #jid{luser = LUser, lserver = LServer} = jid:decode(User),
+    Request = case Op of
+                  %% Applied already, perhaps, and its answer lost: the
+                  %% program then delivers it all the same (docs/protocol.md).
+                  <<"in_subscription">> -> Args#{<<"replay">> => true};
+                  _ -> Args
+              end,
+    roster_port_call:within_deadline(
+      Host,
+      fun() ->
+              case roster_port_call:call(LServer, LUser, Op, maps:remove(<<"user">>, Request)) of
+                  {ok, Result} ->
+                      carry_out(LServer, Op, Args, Result),
+                      ok;
+                  Error ->
+                      case roster_port_journal:retry_reason(Error) of
+                          {retry, Why} -> {retry, Why};
+                          final -> {dropped, Error}
+                      end
+              end
+      end).
+
+carry_out(LServer, <<"out_subscription">>, #{<<"user">> := User, <<"contact">> := Contact,
+                                             <<"type">> := Type} = Args, Result) ->
+    Pres = #presence{from = jid:decode(User), to = jid:decode(Contact),
+                     type = roster_port_wire:presence_type(Type),
+                     status = roster_port_wire:text(maps:get(<<"status">>, Args, nil))},
+    route_subscription(LServer, xmpp:put_meta(Pres, roster_port_forwarded, true), Result);
+carry_out(_LServer, <<"in_subscription">>, Args, Result) ->
+    case maps:get(<<"deliver">>, Result, false) of
+        true -> deliver_late_presence(Args);
+        _ -> ok
+    end.
+
+%% An inbound subscription presence journalled, now applied: handed to the
+%% user's available sessions as ejabberd_sm would have (routing it again
+%% would run roster_in_subscription twice).
 deliver_late_presence(#{<<"user">> := User, <<"contact">> := Contact,
                         <<"type">> := Type} = Args) ->
     #jid{luser = LUser, lserver = LServer} = UserJID = jid:decode(User),

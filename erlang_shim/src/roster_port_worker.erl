@@ -18,15 +18,34 @@
 %%%     deadline and no ping is in flight, a ping goes out at once. Pings
 %%%     also go out every ping_interval.
 %%%   - A program that hangs, exits, or writes something that is not a frame
-%%%     is killed (a program opened is always in the state or killed), every
-%%%     caller in flight gets {error, unavailable}, and it is started again
-%%%     after a backoff doubling from 100 ms to max_backoff. While it is
-%%%     down requests get {error, unavailable} at once; those sent with
-%%%     keep = true are kept (bounded) and replayed right after the next
-%%%     hello.
-%%%   - Effects without a caller (notifications, replays, late answers) go
-%%%     to the runner (roster_port_effects), never run here: routing a
-%%%     presence may call this very worker.
+%%%     is killed (a program opened is always in the state or killed) and
+%%%     started again after a backoff: 100 ms when it had answered hello
+%%%     and run for SERVED_MS (1 s), else doubling up to max_backoff (a
+%%%     program that fails before hello, or at once, is retried less and
+%%%     less often).
+%%%   - A program is "coming" from the worker's start and from each hello
+%%%     answered, until a program fails before answering hello (then not
+%%%     until one answers). While a program is coming and none is up (its
+%%%     hello not answered yet, or its restart due before the request's
+%%%     deadline), requests wait in `waiting` (at most MAX_WAITING, in the
+%%%     order received) and are sent, in that order and before any new one,
+%%%     right after the hello is answered. Otherwise a request gets
+%%%     {error, unavailable} at once. A waiting request is never sent after
+%%%     its deadline: it is answered {error, unavailable} (nothing was done)
+%%%     at the sweep, as all waiting requests are when a program fails
+%%%     before hello.
+%%%   - When a program goes down, its callers in flight get
+%%%     {error, unavailable}, but for reads (roster_port_cache:writes/2 is
+%%%     false) when the program had served and its restart is due before
+%%%     their deadline: those go back to `waiting`, first, in the order they
+%%%     were sent, with their own deadline (a read changes nothing, so
+%%%     sending it twice is harmless; a third time is not tried, so that a
+%%%     read a program dies of takes two down at most). `late` is emptied: ids
+%%%     start at 1 again with the next program, and what the late requests
+%%%     did is unknown (answer_lost, logged).
+%%%   - Effects without a caller (notifications, late answers) go to the
+%%%     runner (roster_port_effects), never run here: routing a presence
+%%%     may call this very worker.
 %%%   - The read cache's rules are roster_port_cache's; the worker calls
 %%%     its request_sent, answer_received, ... at those moments.
 %%%   - Worker 1's program is asked for the change feed (one per host and
@@ -71,6 +90,12 @@
 %% pauses must not get a healthy program killed.
 -define(MIN_STDIN_QUEUE, 16 * 1024 * 1024).
 -define(MAX_LATE, 1000).
+%% Callers waiting for a program that is coming (module doc): a bound, so
+%% that a flood while the program starts costs bounded memory.
+-define(MAX_WAITING, 10000).
+%% A program that answered hello and ran this long served: its end resets
+%% the backoff. (A kill -9 every few seconds must cost ~100 ms each time.)
+-define(SERVED_MS, 1000).
 %% Requests without answer, or refused by the program, are logged at most
 %% once per this many ms, counted.
 -define(TROUBLE_LOG_MS, 10000).
@@ -82,7 +107,6 @@
          call_timeout :: pos_integer(),
          max_frame_bytes :: pos_integer(),
          ping_interval :: pos_integer(),
-         max_kept :: non_neg_integer(),
          max_backoff :: pos_integer(),
          handler :: undefined | {module(), atom(), list()},
          transcript :: undefined | atom(),
@@ -102,19 +126,25 @@
          %% The frame decoder of the program's stdout (undefined: no port).
          frames :: undefined | roster_port_frames:state(),
          started_at = 0 :: integer(),
+         %% Whether a program is coming (module doc), and when the next start
+         %% is due while status is down.
+         coming = true :: boolean(),
+         restart_at = 0 :: integer(),
          %% Programs started by this worker (status/0: tests, diagnosis).
          starts = 0 :: non_neg_integer(),
          backoff = ?MIN_BACKOFF :: pos_integer(),
          next_id = 1 :: pos_integer(),
-         %% Id => {Kind, Op, Args, Deadline}; Kind is {caller, From} | hello
-         %% | ping | replay.
+         %% Id => {Kind, Op, Args, Deadline}; Kind is {caller, From} |
+         %% {resent, From} (a read sent again to a new program) | hello | ping.
          pending = #{} :: #{pos_integer() => tuple()},
+         %% Callers waiting for the program: {Kind, Op, Args, Deadline} as in
+         %% pending, in the order they are to be sent.
+         waiting = queue:new() :: queue:queue(),
+         waiting_len = 0 :: non_neg_integer(),
          %% Requests whose caller gave up: Id => {Op, Args}, oldest first in
          %% late_ids, so that their effects are still carried out.
          late = #{} :: map(),
          late_ids = queue:new() :: queue:queue(),
-         kept = queue:new() :: queue:queue({binary(), map()}),
-         kept_len = 0 :: non_neg_integer(),
          ping_timer :: undefined | reference(),
          %% The program's stdin (see the module doc): bytes written to the
          %% port, bytes the pipe had taken at the last look, and when the
@@ -157,13 +187,13 @@ init({Host, Index, Opts}) ->
                    call_timeout = maps:get(call_timeout, Opts),
                    max_frame_bytes = maps:get(max_frame_bytes, Opts),
                    ping_interval = maps:get(ping_interval, Opts),
-                   max_kept = maps:get(max_kept, Opts),
                    max_backoff = maps:get(max_backoff, Opts),
                    handler = maps:get(handler, Opts),
                    transcript = maps:get(transcript, Opts),
                    node = maps:get(node, Opts),
                    feed = Index == 1,
-                   cache = maps:get(cache, Opts, undefined)},
+                   cache = maps:get(cache, Opts, undefined),
+                   restart_at = now_ms()},
     State1 = State#state{runner = roster_port_effects:start_runner(Host, Index,
                                                                    State#state.handler)},
     %% The program starts after init returns: a slow start must not hold
@@ -172,24 +202,33 @@ init({Host, Index, Opts}) ->
     schedule_sweep(State1),
     {ok, State1}.
 
-handle_call({request, Op, Args, Deadline, _Keep}, From,
-            #state{status = up} = State) ->
+handle_call({request, Op, Args, Deadline}, From, #state{status = up} = State) ->
     case send_request({caller, From}, Op, Args, Deadline, State) of
         {ok, State1} ->
             {noreply, watch_stdin(State1)};
         {error, Reason} ->
             {reply, {error, Reason}, State}
     end;
-handle_call({request, Op, Args, _Deadline, Keep}, _From, State) ->
-    State1 = case Keep of
-                 true -> keep(Op, Args, State);
-                 false -> State
-             end,
-    {reply, {error, unavailable}, State1};
+handle_call({request, Op, Args, Deadline}, From, State) ->
+    case waits(Deadline, State) of
+        true ->
+            {noreply, wait({{caller, From}, Op, Args, Deadline}, State)};
+        false when State#state.coming, State#state.waiting_len >= ?MAX_WAITING ->
+            {reply, {error, unavailable}, trouble(waiting_full, Op, Args, State)};
+        false ->
+            {reply, {error, unavailable}, State}
+    end;
 handle_call(status, _From, State) ->
     {reply, #{status => State#state.status, os_pid => State#state.os_pid,
               starts => State#state.starts,
-              kept => State#state.kept_len,
+              %% ms since the program was started (undefined: none).
+              ran_ms => case State#state.os_pid of
+                            undefined -> undefined;
+                            _ -> now_ms() - State#state.started_at
+                        end,
+              coming => State#state.coming,
+              waiting => State#state.waiting_len,
+              late => maps:size(State#state.late),
               pending => maps:size(State#state.pending)}, State};
 handle_call(_Request, _From, State) ->
     {reply, {error, badarg}, State}.
@@ -237,6 +276,7 @@ terminate(_Reason, #state{port = Port} = State) ->
     %% Closing stdin asks the program to finish what is in flight and exit.
     close_port(Port),
     fail_callers(State),
+    fail_waiting(State),
     ok.
 
 %%%===================================================================
@@ -306,7 +346,8 @@ executable(Exe) ->
     end.
 
 %% The program is gone or must go: make sure it is dead, answer everyone
-%% waiting, and schedule the next start.
+%% waiting (but reads, when the next program is coming in time: they wait
+%% for it), forget the late requests, and schedule the next start.
 program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
     close_port(Port),
     case Why of
@@ -314,27 +355,60 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
         _ -> kill(OsPid)
     end,
     roster_port_cache:program_down(State#state.cache, State#state.feed),
-    fail_callers(State),
-    {Kept, KeptLen} = requeue_replays(State),
     cancel_ping(State),
-    %% A program that ran for a while gets a fresh start; one that keeps
-    %% failing is retried less and less often.
-    RanForAWhile = OsPid /= undefined andalso
-        now_ms() - State#state.started_at > State#state.max_backoff,
+    Now = now_ms(),
+    Served = State#state.status == up,
+    %% A program that served gets a fresh start; one that fails before its
+    %% hello or at once is retried less and less often.
     Backoff = case Why of
                   %% Neither heals by itself: no point in trying soon.
                   {unsupported_protocol, _} -> State#state.max_backoff;
                   {hello_too_large, _} -> State#state.max_backoff;
-                  _ when RanForAWhile -> ?MIN_BACKOFF;
+                  _ when Served, Now - State#state.started_at >= ?SERVED_MS -> ?MIN_BACKOFF;
                   _ -> State#state.backoff
               end,
+    RestartAt = Now + Backoff,
+    %% Nothing waits unless a program served: one that failed before hello
+    %% says nothing good of the next. A read is sent again once only: one
+    %% that kills every program it reaches must not take more down.
+    {Requeue, Fail} =
+        lists:partition(fun({_, {{caller, _}, Op, Args, Deadline}}) ->
+                                Served andalso Deadline > RestartAt
+                                    andalso not roster_port_cache:writes(Op, Args);
+                           (_) ->
+                                false
+                        end, lists:sort(maps:to_list(State#state.pending))),
+    fail_callers(State#state{pending = maps:from_list(Fail)}),
+    State1 = case Served of
+                 true ->
+                     Reads = queue:from_list([{{resent, From}, Op, Args, Deadline}
+                                              || {_, {{caller, From}, Op, Args, Deadline}}
+                                                     <- Requeue]),
+                     State#state{waiting = queue:join(Reads, State#state.waiting),
+                                 waiting_len = State#state.waiting_len + queue:len(Reads)};
+                 false ->
+                     fail_waiting(State),
+                     State#state{waiting = queue:new(), waiting_len = 0}
+             end,
     log_down(Why, Backoff, State),
     erlang:send_after(Backoff, self(), start_program),
-    State#state{status = down, port = undefined, os_pid = undefined, frames = undefined,
-                pending = #{}, ping_timer = undefined,
-                feed_check = false,
-                kept = Kept, kept_len = KeptLen,
-                backoff = min(Backoff * 2, State#state.max_backoff)}.
+    forget_late(State1#state{status = down, port = undefined, os_pid = undefined,
+                             frames = undefined, pending = #{}, ping_timer = undefined,
+                             feed_check = false, coming = Served, restart_at = RestartAt,
+                             backoff = min(Backoff * 2, State#state.max_backoff)}).
+
+%% Late requests of a program that is gone will never be answered, and ids
+%% start at 1 again with the next program: an old late id would match a new
+%% program's answer. What they did is unknown.
+forget_late(#state{late = Late} = State) when map_size(Late) == 0 ->
+    State;
+forget_late(#state{late = Late} = State) ->
+    roster_port_cache:answer_lost(State#state.cache),
+    ?LOG_WARNING("roster-port ~ts/~B: ~B request~ts past their deadline got no answer "
+                 "before the program ended; whether they were carried out is unknown",
+                 [State#state.host, State#state.index, map_size(Late),
+                  plural(map_size(Late))]),
+    State#state{late = #{}, late_ids = queue:new()}.
 
 log_down(Why, Backoff, #state{host = Host, index = I, os_pid = OsPid,
                               max_frame_bytes = MaxFrame}) ->
@@ -401,19 +475,63 @@ kill(OsPid) when is_integer(OsPid) ->
     ok.
 
 fail_callers(#state{pending = Pending}) ->
-    maps:foreach(fun(_Id, {{caller, From}, _Op, _Args, _Deadline}) ->
-                         gen_server:reply(From, {error, unavailable});
-                    (_Id, _Other) ->
-                         ok
+    maps:foreach(fun(_Id, {Kind, _Op, _Args, _Deadline}) ->
+                         reply(Kind, {error, unavailable})
                  end, Pending).
 
-%% Replayed requests that got no answer go back to the front of the queue,
-%% in their original order.
-requeue_replays(#state{pending = Pending, kept = Kept, kept_len = Len}) ->
-    Replays = lists:sort([{Id, Op, Args}
-                          || {Id, {replay, Op, Args, _}} <- maps:to_list(Pending)]),
-    Front = queue:from_list([{Op, Args} || {_, Op, Args} <- Replays]),
-    {queue:join(Front, Kept), Len + queue:len(Front)}.
+fail_waiting(#state{waiting = Waiting}) ->
+    lists:foreach(fun({Kind, _Op, _Args, _Deadline}) ->
+                          reply(Kind, {error, unavailable})
+                  end, queue:to_list(Waiting)).
+
+%% To the caller of a request, if it has one.
+reply({caller, From}, Reply) -> gen_server:reply(From, Reply);
+reply({resent, From}, Reply) -> gen_server:reply(From, Reply);
+reply(_Kind, _Reply) -> ok.
+
+%% Whether a request that cannot be sent now waits for the next program
+%% (module doc): one is coming, there is room, and it can be up in time.
+waits(Deadline, #state{coming = true, waiting_len = Len} = State) when Len < ?MAX_WAITING ->
+    State#state.status == starting orelse State#state.restart_at < Deadline;
+waits(_Deadline, _State) ->
+    false.
+
+wait(Entry, #state{waiting = Waiting, waiting_len = Len} = State) ->
+    State#state{waiting = queue:in(Entry, Waiting), waiting_len = Len + 1}.
+
+%% Right after hello: the waiting requests, in order, before any new one.
+%% One past its deadline is not sent (it would only be refused as timeout):
+%% nothing was done, so its caller gets unavailable.
+send_waiting(#state{waiting_len = 0} = State) ->
+    State;
+send_waiting(#state{waiting = Waiting} = State) ->
+    Now = now_ms(),
+    lists:foldl(fun({Kind, Op, Args, Deadline}, S) when Deadline < Now ->
+                        reply(Kind, {error, unavailable}),
+                        trouble(not_sent, Op, Args, S);
+                   ({Kind, Op, Args, Deadline}, S) ->
+                        case send_request(Kind, Op, Args, Deadline, S) of
+                            {ok, S1} ->
+                                S1;
+                            {error, Reason} ->
+                                reply(Kind, {error, Reason}),
+                                S
+                        end
+                end, State#state{waiting = queue:new(), waiting_len = 0},
+                queue:to_list(Waiting)).
+
+%% At each sweep: a waiting request past its deadline was never sent.
+expire_waiting(#state{waiting_len = 0} = State) ->
+    State;
+expire_waiting(#state{waiting = Waiting} = State) ->
+    Now = now_ms(),
+    {Expired, Left} = lists:partition(fun({_, _, _, Deadline}) -> Deadline < Now end,
+                                      queue:to_list(Waiting)),
+    lists:foldl(fun({Kind, Op, Args, _}, S) ->
+                        reply(Kind, {error, unavailable}),
+                        trouble(not_sent, Op, Args, S)
+                end, State#state{waiting = queue:from_list(Left), waiting_len = length(Left)},
+                Expired).
 
 
 %%%===================================================================
@@ -561,11 +679,9 @@ refused(Reply, Op, Args, State) ->
         Why -> trouble(Why, Op, Args, State)
     end.
 
-answered({{caller, From}, _Op, _Args, _Deadline}, Reply, State) ->
+answered({{Caller, From}, _Op, _Args, _Deadline}, Reply, State)
+  when Caller == caller; Caller == resent ->
     gen_server:reply(From, Reply),
-    State;
-answered({replay, Op, Args, _Deadline}, Reply, State) ->
-    roster_port_effects:run(State#state.runner, {replayed, Op, Args, Reply}),
     State;
 answered({ping, _, _, _}, {ok, _}, #state{feed_check = true} = State) ->
     roster_port_cache:feed_open(State#state.cache),
@@ -593,8 +709,8 @@ hello_answered({ok, #{<<"protocol">> := Protocol} = Result}, State) ->
                        maps:get(<<"program">>, Result, <<"?">>), Protocol,
                        lists:join(<<" ">>, [K || {K, true} <- lists:sort(maps:to_list(Caps))])]),
             roster_port_cache:program_up(State#state.cache),
-            State1 = check_feed(Caps, State#state{status = up}),
-            replay_kept(State1);
+            watch_stdin(send_waiting(check_feed(Caps, State#state{status = up,
+                                                                  coming = true})));
         false ->
             program_down({unsupported_protocol,
                           io_lib:format("protocol ~p", [Protocol])}, State)
@@ -622,44 +738,19 @@ check_feed(Caps, #state{feed = true, cache = Cache} = State) when Cache /= undef
 check_feed(_Caps, State) ->
     schedule_ping(State).
 
-%% Kept requests go out first, before any new request, so a user's
-%% operations reach the program in the order they happened.
-replay_kept(#state{kept_len = 0} = State) ->
-    State;
-replay_kept(#state{kept = Kept} = State) ->
-    ?LOG_WARNING("roster-port ~ts/~B: replaying ~B kept subscription presences",
-                 [State#state.host, State#state.index, State#state.kept_len]),
-    Deadline = now_ms() + State#state.call_timeout,
-    lists:foldl(fun({Op, Args}, S) ->
-                        case send_request(replay, Op, Args, Deadline, S) of
-                            {ok, S1} -> S1;
-                            {error, _} -> S
-                        end
-                end, State#state{kept = queue:new(), kept_len = 0},
-                queue:to_list(Kept)).
-
-keep(Op, Args, #state{max_kept = Max, kept_len = Len} = State) when Len >= Max ->
-    ?LOG_ERROR("roster-port ~ts/~B: program down and the queue of kept "
-               "presences is full (~B); lost: ~ts ~p",
-               [State#state.host, State#state.index, Max, Op, Args]),
-    State;
-keep(Op, Args, #state{kept = Kept, kept_len = Len} = State) ->
-    ?LOG_WARNING("roster-port ~ts/~B: program down; keeping ~ts ~p to replay later",
-                 [State#state.host, State#state.index, Op, Args]),
-    State#state{kept = queue:in({Op, Args}, Kept), kept_len = Len + 1}.
-
 %%%===================================================================
 %%% Deadlines and pings
 %%%===================================================================
 
-%% The stdin first (a program that does not read cannot answer either),
-%% then the requests past their deadline: a hello or a ping means the
-%% program hangs; any other is remembered as late (its caller has already
-%% been told {error, timeout}) and probed with a ping.
+%% The waiting requests past their deadline, the stdin (a program that
+%% does not read cannot answer either), then the requests in flight past
+%% their deadline: a hello or a ping means the program hangs; any other is
+%% remembered as late (its caller has already been told {error, timeout})
+%% and probed with a ping.
 sweep(#state{status = down} = State) ->
-    log_trouble(State);
+    log_trouble(expire_waiting(State));
 sweep(State0) ->
-    case watch_stdin(State0) of
+    case watch_stdin(expire_waiting(State0)) of
         #state{status = down} = State ->
             log_trouble(State);
         State ->
@@ -685,10 +776,7 @@ expired({Id, {Kind, Op, Args, _}}, State) ->
     %% an answer is either given to its caller or carried out as late (by the
     %% runner), never dropped between the two (roster_port_pool:call/5 waits
     %% a little longer than call_timeout for this reply).
-    case Kind of
-        {caller, From} -> gen_server:reply(From, {error, timeout});
-        _ -> ok
-    end,
+    reply(Kind, {error, timeout}),
     roster_port_cache:request_expired(State#state.cache, Op, Args),
     remember_late(Id, Op, Args,
                   trouble(no_answer, Op, Args,
@@ -756,7 +844,11 @@ do_log_trouble(Now, #state{trouble = Counts, trouble_last = {Op, User}} = State)
                       [State#state.call_timeout]},
                      {overloaded, "~B request~ts refused by the program as overloaded", []},
                      {timeout, "~B request~ts not started by the program before their "
-                      "deadline", []}],
+                      "deadline", []},
+                     {not_sent, "~B request~ts waited for a program past their deadline, "
+                      "not sent", []},
+                     {waiting_full, "~B request~ts not sent: ~B were already waiting for a "
+                      "program", [?MAX_WAITING]}],
                 N <- [maps:get(Why, Counts, 0)], N > 0],
     ?LOG_WARNING("roster-port ~ts/~B: ~ts (the last: ~ts for ~ts); their callers got "
                  "safe answers",

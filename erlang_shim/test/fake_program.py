@@ -15,9 +15,16 @@ Answered at once by the reading loop:
                        protocol it claims; "--refuse" answers
                        unsupported_protocol); capabilities.notifications
                        is the hello's change_feed; ping's result has
-                       in_flight and running
+                       in_flight and running; "--hello-delay MS" answers
+                       the hello MS ms after reading it (a slow start),
+                       "--hello-gate PATH" only once the file PATH exists
+                       (a start that lasts until the test says),
+                       "--exit-at-hello" exits with status 1 instead (a
+                       program that never comes up)
   hello_args           result {"effects": [], "hello": the hello's args}
   seen                 result {"effects": [], "seen": [[op, timeout_ms]] of
+                       every request read so far}
+  order                result {"effects": [], "order": [[op, args' "n"]] of
                        every request read so far}
   die {"status"}       exits at once with that status
   hang                 stops answering anything (pings included)
@@ -32,6 +39,8 @@ Run in the user's thread:
   sleep {"ms"}         answers {"slept": ms} after ms milliseconds (a slow
                        database call: the user's next requests wait)
   out_subscription {"ms"}  a writing op: answers after ms (default 0)
+  jid_info {"ms"}      a reading op: answers after ms (default 0), with
+                       "pid" (the os pid) besides jid_info's result
   notify               sends a roster_changed notification, then answers
   dribble              answers like echo, one byte per write, so the answer
                        reaches the shim split across many reads
@@ -54,8 +63,12 @@ args = sys.argv[1:]
 protocol = int(args[args.index("--protocol") + 1]) if "--protocol" in args else 2
 max_in_flight = int(args[args.index("--max-in-flight") + 1]) if "--max-in-flight" in args else 1000
 refuse = "--refuse" in args
+hello_delay = int(args[args.index("--hello-delay") + 1]) if "--hello-delay" in args else 0
+exit_at_hello = "--exit-at-hello" in args
+hello_gate = args[args.index("--hello-gate") + 1] if "--hello-gate" in args else None
 hello_args = {}
 seen = []
+order = []
 counts = {"in_flight": 0, "running": 0}
 users = {}
 
@@ -89,6 +102,14 @@ def count(key, n):
 def serve_inline(msgid, op, a):
     """The reading loop's own ops; False when op is not one of them."""
     if op == "hello":
+        time.sleep(hello_delay / 1000)
+        gate_until = time.monotonic() + 10  # never left behind by a test that failed
+        while hello_gate and not os.path.exists(hello_gate):
+            if time.monotonic() > gate_until:
+                os._exit(1)
+            time.sleep(0.005)
+        if exit_at_hello:
+            os._exit(1)
         if refuse:
             answer(msgid, error=error("unsupported_protocol", "this program speaks protocol 99"))
         else:
@@ -104,6 +125,8 @@ def serve_inline(msgid, op, a):
         answer(msgid, {"effects": [], "hello": hello_args})
     elif op == "seen":
         answer(msgid, {"effects": [], "seen": seen})
+    elif op == "order":
+        answer(msgid, {"effects": [], "order": order})
     elif op == "die":
         sys.stdout.buffer.flush()
         os._exit(a.get("status", 3))
@@ -131,6 +154,10 @@ def serve_queued(msgid, op, a):
     elif op == "out_subscription":
         time.sleep(a.get("ms", 0) / 1000)
         answer(msgid, {"effects": [], "route": True})
+    elif op == "jid_info":
+        time.sleep(a.get("ms", 0) / 1000)
+        answer(msgid, {"effects": [], "subscription": "none", "ask": "none", "groups": [],
+                       "pid": os.getpid()})
     elif op == "notify":
         write([2, "roster_changed", {"user": a["user"], "effects": [{"type": "test"}]}])
         answer(msgid, {"effects": []})
@@ -187,6 +214,7 @@ def main():
         _, msgid, op, a = message
         timeout_ms = a.get("timeout_ms")
         seen.append([op, timeout_ms])
+        order.append([op, a.get("n")])
         if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:
             answer(msgid, error=error("bad_request", "timeout_ms: %r" % (timeout_ms,)))
         elif not serve_inline(msgid, op, a):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -194,6 +194,13 @@ class ChangeFeed(abc.ABC):
     def read(self) -> list[OutsideChange]:
         """The changes since the last read (possibly none)."""
 
+    def take_resumed(self) -> bool:
+        """True once after the feed started reading again after a time it could not (it had
+        no connection, at open or since a loss): whoever trusts a cache of reads because the
+        feed reports every change must drop it, since reads made meanwhile had no such
+        guarantee. Asked after each read()."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the feed's own connection."""
@@ -212,16 +219,30 @@ class RosterStore(abc.ABC):
     threads_share: bool = True
 
     @abc.abstractmethod
-    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
-        """Open an atomic read-modify-write scope on `user`'s roster."""
+    def transaction(self, user: str, *, timeout: float | None = None
+                    ) -> contextlib.AbstractContextManager[RosterTxn]:
+        """Open an atomic read-modify-write scope on `user`'s roster.
 
-    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+        `timeout`: the seconds its caller can still wait (what is left of a request's
+        deadline). Whatever the scope waits for (a lock another process holds, a connection)
+        is bounded by it as well as by the store's own bounds, and then raises
+        StoreUnavailable; None: the store's own bounds only.
+        """
+
+    def snapshot(self, user: str, *, timeout: float | None = None
+                 ) -> contextlib.AbstractContextManager[RosterTxn]:
         """A read-only scope: adapters may make it cheaper than `transaction`."""
-        return self.transaction(user)
+        return self.transaction(user, timeout=timeout)
 
     def open_change_feed(self) -> ChangeFeed | None:
         """A feed of changes made outside this program, or None if the store has none."""
         return None
+
+    def set_failure_handler(self, handler: Callable[[StoreError], None]) -> None:
+        """Have `handler` called (from any thread) if the store finds, after it opened, that it
+        can never serve as configured: a database it was waiting for turns out not to fit
+        (a mapping naming a missing table). Called at once if that is known already. Stores
+        that check everything when they open never call it."""
 
     @abc.abstractmethod
     def describe(self) -> str:

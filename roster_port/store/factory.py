@@ -10,7 +10,7 @@ from ..config import Config, ConfigError
 from .base import RosterStore
 
 
-def _sqlite(options: dict[str, Any], config: Config) -> RosterStore:
+def _sqlite(options: dict[str, Any], config: Config, wait_for_database: bool) -> RosterStore:
     from .sqlite import SQLiteStore
 
     unknown = set(options) - {"backend", "path", "busy_timeout_ms"}
@@ -71,15 +71,17 @@ def _lock_timeout_ms(options: dict[str, Any]) -> int:
     return lock_timeout_ms
 
 
-def _postgres(options: dict[str, Any], config: Config) -> RosterStore:
+def _postgres(options: dict[str, Any], config: Config, wait_for_database: bool) -> RosterStore:
     from .postgres import PostgresStore
 
     checked = _postgres_connection_options(options, config, "postgres",
                                            frozenset({"lock_timeout_ms"}))
-    return PostgresStore(checked.pop("dsn"), lock_timeout_ms=_lock_timeout_ms(options), **checked)
+    return PostgresStore(checked.pop("dsn"), lock_timeout_ms=_lock_timeout_ms(options),
+                         wait_for_database=wait_for_database, **checked)
 
 
-def _postgres_mapped(options: dict[str, Any], config: Config) -> RosterStore:
+def _postgres_mapped(options: dict[str, Any], config: Config,
+                     wait_for_database: bool) -> RosterStore:
     """The operator's own tables through a mapping (roster_port/store/mapped.py)."""
     from .mapped import MappedPostgresStore, MappingError, load_mapping
 
@@ -96,7 +98,8 @@ def _postgres_mapped(options: dict[str, Any], config: Config) -> RosterStore:
         # mapping without write statements is accepted only then (and the store is read-only).
         return MappedPostgresStore(checked.pop("dsn"), mapping=mapping,
                                    read_only=config.roster.read_only and not mapping.writable,
-                                   lock_timeout_ms=lock_timeout_ms, **checked)
+                                   lock_timeout_ms=lock_timeout_ms,
+                                   wait_for_database=wait_for_database, **checked)
     except MappingError as exc:
         raise ConfigError(f"[store].mapping: {exc}") from None
 
@@ -104,11 +107,13 @@ def _postgres_mapped(options: dict[str, Any], config: Config) -> RosterStore:
 BACKENDS = {"sqlite": _sqlite, "postgres": _postgres, "postgres_mapped": _postgres_mapped}
 
 
-def open_store(config: Config) -> RosterStore:
+def open_store(config: Config, *, wait_for_database: bool = False) -> RosterStore:
+    """The store `config` names. `wait_for_database`: a PostgreSQL database that cannot be
+    reached is waited for in the background (PostgresStore) rather than StoreUnavailable."""
     backend = config.store.get("backend", "sqlite")
     opener = BACKENDS.get(backend)
     if opener is None:
         raise ConfigError(f"[store].backend {backend!r} is not one of {sorted(BACKENDS)}")
     # [roster].read_only is enforced by the roster logic, which answers clear XMPP errors;
     # the store itself stays writable so that a refusal never turns into a storage error.
-    return opener(config.store, config)
+    return opener(config.store, config, wait_for_database)

@@ -89,7 +89,7 @@ import psycopg
 
 from .base import SUBSCRIPTIONS, RosterRow, RosterTxn, StoreError, stored_groups, stored_text
 from .pg_changes import set_origin
-from .postgres import _BEGIN_SNAPSHOT, _BEGIN_WRITE, PostgresStore, _one_line
+from .postgres import _BEGIN_SNAPSHOT, _BEGIN_WRITE, _SET_LOCK_TIMEOUT, PostgresStore, _one_line
 
 log = logging.getLogger(__name__)
 
@@ -491,38 +491,40 @@ class MappedPostgresStore(PostgresStore):
                 f"{self.mapping.source} has no write statements ({', '.join(WRITE_STATEMENTS)}): "
                 "such a mapping serves read-only rosters only; set [roster] read_only = true")
         self._unknown_words: set[str] = set()
+        self._has_change_log = False  # known once set up
         super().__init__(dsn, read_only=read_only, **options)
 
     # --- RosterStore ------------------------------------------------------------------------
 
-    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+    def transaction(self, user: str, *, timeout: float | None = None
+                    ) -> contextlib.AbstractContextManager[RosterTxn]:
         if self.read_only:
             because = ("the store is opened read-only" if self.mapping.writable else
                        f"the mapping {self.mapping.source} has no write statements (read-only)")
             return self._mapped_scope(user, _BEGIN_SNAPSHOT, lock=False,
-                                      refuse_writes_because=because)
-        return self._mapped_scope(user, _BEGIN_WRITE, lock=True, refuse_writes_because=None)
+                                      refuse_writes_because=because, timeout=timeout)
+        return self._mapped_scope(user, _BEGIN_WRITE, lock=True, refuse_writes_because=None,
+                                  timeout=timeout)
 
-    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+    def snapshot(self, user: str, *, timeout: float | None = None
+                 ) -> contextlib.AbstractContextManager[RosterTxn]:
         return self._mapped_scope(user, _BEGIN_SNAPSHOT, lock=False,
-                                  refuse_writes_because="a snapshot is read-only; use transaction()")
+                                  refuse_writes_because="a snapshot is read-only; use transaction()",
+                                  timeout=timeout)
 
     def open_change_feed(self):
         """The change log's feed (pg_changes.py) when the operator's database has the log.
 
         The operator's own triggers call roster_port_log_change() (examples/social/triggers.sql);
         without the log there is nothing to read, and changes made outside XMPP reach clients at
-        their next roster fetch.
+        their next roster fetch. Whether there is one is known from the set-up: a store still
+        waiting for its database has no feed (the shim then keeps no cache for this process).
         """
-        with self._translated_errors(None):
-            connection = self._pool.getconn()
-        try:
-            with self._translated_errors(connection):
-                has_log = connection.execute(
-                    "SELECT to_regclass('roster_port_changes') IS NOT NULL").fetchone()[0]
-        finally:
-            self._give_back(connection)
-        if not has_log:
+        if not self._set_up_done:
+            log.warning("%s cannot be reached yet, so whether it has a change log is not known: "
+                        "this process reports no changes made outside XMPP", self.dsn_shown)
+            return None
+        if not self._has_change_log:
             log.warning("%s has no change log (roster_port_changes): changes made outside XMPP "
                         "are not pushed; see docs/mappings.md", self.dsn_shown)
             return None
@@ -544,12 +546,16 @@ class MappedPostgresStore(PostgresStore):
 
     @contextlib.contextmanager
     def _mapped_scope(self, user: str, begin: str, *, lock: bool,
-                      refuse_writes_because: str | None) -> Iterator[RosterTxn]:
+                      refuse_writes_because: str | None,
+                      timeout: float | None) -> Iterator[RosterTxn]:
         with self._one_scope_in_thread():
-            connection = self._begin(begin)
+            connection = self._begin(begin, self._connection_deadline(timeout))
             txn = _MappedTxn(self, connection, user, refuse_writes_because)
             try:
                 if lock:
+                    if (lock_timeout := self._lock_timeout_within(timeout)) is not None:
+                        with self._translated_errors(connection):
+                            connection.execute(_SET_LOCK_TIMEOUT, (lock_timeout,))
                     txn._run("lock_user", txn.user_parameters())
                     # Change-log entries the operator's triggers make for this transaction's
                     # writes carry our origin (pg_changes.py); harmless without a change log.
@@ -619,6 +625,8 @@ class MappedPostgresStore(PostgresStore):
     def _set_up(self, connection: psycopg.Connection) -> None:
         """No schema of our own to migrate: check the mapping against the database instead."""
         self._validate(connection)
+        self._has_change_log = connection.execute(
+            "SELECT to_regclass('roster_port_changes') IS NOT NULL").fetchone()[0]
 
     def _validate(self, connection: psycopg.Connection) -> None:
         """Plan every statement, run every reading one, in a READ ONLY transaction rolled back.

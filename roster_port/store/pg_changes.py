@@ -43,12 +43,19 @@ Reconnection. The loop of server.py registers `fileno()` once. A LISTEN connecti
 (database restarted, session terminated, network cut) is replaced by another one with another
 socket, so `fileno()` is not the connection's socket: it is a selector of the feed's own
 (epoll on Linux), which is readable when the socket is, and when the background reconnector
-hands over a new connection. While disconnected, a thread tries to connect again (0.5 s, then
-doubling up to 5 s) so that the serving loop never waits for the database; the first read
-after it succeeded re-reads from P: every entry committed meanwhile is reported. Transaction
-ids survive a restart (and a failover to a physical replica); a database whose transaction ids
-went backwards (restored from a dump into another cluster) is logged and read from its present
-snapshot on.
+hands over a new connection. While disconnected, a thread tries to connect again (0.1 s, then
+doubling up to 0.5 s, and at once when the store finds the database back: `retry_now()`) so
+that the serving loop never waits for the database; the first read after it succeeded re-reads
+from P: every entry committed meanwhile is reported. Transaction ids survive a restart (and a
+failover to a physical replica); a database whose transaction ids went backwards (restored
+from a dump into another cluster) is logged and read from its present snapshot on.
+
+Resuming. A feed opened before its database could be reached (or set up: `ready`) has no P
+yet: it connects later and reports the changes committed from then on. Changes committed
+before that, while someone may already have read and kept rosters, are never reported; so
+after that first connection, after every reconnection, and after the ids went backwards,
+`take_resumed()` says so once, and the server tells the shim to drop every cache
+(`feed_resumed`, docs/protocol.md).
 
 Pruning. Entries are kept `RETENTION` (a day) so that the feeds of several ejabberd nodes each
 read them; every `PRUNE_EVERY_S` a feed deletes the oldest ones past that age, at most
@@ -71,6 +78,7 @@ import os
 import selectors
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -197,15 +205,18 @@ class PostgresChangeFeed(ChangeFeed):
     RETENTION = "1 day"
     PRUNE_EVERY_S = 600.0
     PRUNE_BATCH = 10_000
-    RECONNECT_FIRST_DELAY_S = 0.5
-    RECONNECT_MAX_DELAY_S = 5.0
+    # Reconnection: soon, and never more than half a second after the database is back (the
+    # store that opened the feed also tells it to try at once when it finds it back).
+    RECONNECT_FIRST_DELAY_S = 0.1
+    RECONNECT_MAX_DELAY_S = 0.5
     PASSES = 3  # reads in one read() while notifications keep coming
     # Wake-ups of the feed's own origin only are not read for, unless the last read is older.
     READ_AT_LEAST_EVERY_S = 1.0
 
     def __init__(self, dsn: str, *, origin: str, dsn_shown: str = "PostgreSQL",
                  connect_timeout_s: float = 2.0,
-                 connection_options: dict[str, Any] | None = None) -> None:
+                 connection_options: dict[str, Any] | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.origin = origin
         self.dsn_shown = dsn_shown
         self._dsn = dsn
@@ -227,6 +238,12 @@ class PostgresChangeFeed(ChangeFeed):
         self._handed_over: psycopg.Connection | None = None
         self._reconnector: threading.Thread | None = None
         self._closing = threading.Event()
+        self._retry_now = threading.Event()
+        # Whether the database is set up for the feed (the store's migrations ran): not
+        # connected to before.
+        self._ready = ready
+        # Started reading again after a time without a connection (take_resumed).
+        self._resumed = False
         # The previous read's snapshot: its xmax and its xip list (None: no snapshot yet).
         self._xmax: int | None = None
         self._xip: list[int] = []
@@ -235,6 +252,11 @@ class PostgresChangeFeed(ChangeFeed):
         self._origin_wakeups = False
         self._must_read = True  # connected anew, or notifications still coming: read
         self._last_read = 0.0
+        if ready is not None and not ready():
+            log.warning("change feed on %s: the database is not set up yet; connecting once it "
+                        "is", self.dsn_shown)
+            self._start_reconnector()
+            return
         try:
             self._adopt(self._connect())
         except psycopg.Error as exc:
@@ -246,6 +268,14 @@ class PostgresChangeFeed(ChangeFeed):
 
     def fileno(self) -> int:
         return self._selector.fileno()
+
+    def take_resumed(self) -> bool:
+        resumed, self._resumed = self._resumed, False
+        return resumed
+
+    def retry_now(self) -> None:
+        """Have a disconnected feed try to connect at once (the database is back)."""
+        self._retry_now.set()
 
     def read(self) -> list[OutsideChange]:
         try:
@@ -260,6 +290,7 @@ class PostgresChangeFeed(ChangeFeed):
         if self._closing.is_set():
             return
         self._closing.set()
+        self._retry_now.set()
         self._disconnect()
         reconnector = self._reconnector
         if reconnector is not None:
@@ -285,6 +316,8 @@ class PostgresChangeFeed(ChangeFeed):
                 if connection is None:
                     return []  # the reconnector is at work
                 self._adopt(connection)
+                # Whatever was read meanwhile, without a feed reading, may be stale.
+                self._resumed = True
                 log.info("change feed on %s: reconnected; reading what was logged meanwhile",
                          self.dsn_shown)
             wanted = self._drain_notifications()
@@ -337,6 +370,7 @@ class PostgresChangeFeed(ChangeFeed):
                         "another database? reading its changes from now on",
                         self.dsn_shown, xmax, self._xmax)
             records = []
+            self._resumed = True  # what it logged before now is never reported
         self._xmax, self._xip = xmax, [int(xid) for xid in xip]
         return [OutsideChange(user, contact, old, new) for user, contact, old, new in records]
 
@@ -443,12 +477,18 @@ class PostgresChangeFeed(ChangeFeed):
         """In the reconnector thread: connect and LISTEN, then hand the connection over."""
         delay = self.RECONNECT_FIRST_DELAY_S
         failures = 0
-        while not self._closing.wait(delay):
+        while True:
+            self._retry_now.wait(delay)
+            self._retry_now.clear()
+            if self._closing.is_set():
+                return
+            if self._ready is not None and not self._ready():
+                continue  # the store tells us (retry_now) when it has set the database up
             try:
                 connection = self._connect()
             except psycopg.Error as exc:
                 failures += 1
-                if failures == 1 or failures % 12 == 0:
+                if failures == 1 or failures % 60 == 0:
                     log.warning("change feed on %s: cannot reconnect yet (%s)", self.dsn_shown,
                                 _one_line(exc))
                 delay = min(delay * 2, self.RECONNECT_MAX_DELAY_S)

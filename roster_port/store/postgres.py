@@ -45,15 +45,25 @@ COMMIT, so an idle pooled connection never holds a transaction.
   the trigger functions are pinned to it, so they work whatever search_path the application
   writing the table has.
 
-Failures. A database that is down, restarting, refusing connections or unreachable gives
-`StoreUnavailable` within about `connect_timeout_s` (how long the pool waits for a connection,
-libpq's connect_timeout, and TCP's user timeout for unacknowledged data), and the same instance
-works again as soon as the database is back: a connection that died while idle in the pool is
-found out by the scope's BEGIN, before anything was done on it, and exchanged for another one
-(the pool discards broken connections and connects again on demand). A connection lost in the
-middle of a scope rolls it back on the server: nothing is half-written. (If the connection is
-lost during COMMIT itself, the transaction may or may not have committed, atomically either way;
-the scope raises `StoreUnavailable`.)
+Failures. A connection that died while idle in the pool (server restarted, session
+terminated) is found out by the scope's BEGIN, before anything was done on it, and exchanged
+for another one (the pool discards broken connections and connects again on demand). A
+connection lost in the middle of a scope rolls it back on the server: nothing is half-written.
+(If the connection is lost during COMMIT itself, the transaction may or may not have
+committed, atomically either way; the scope raises `StoreUnavailable`.)
+
+When no new connection can be made (the pool's attempt failed: `reconnect_failed`; or none
+came in time while not all were busy) the store is *unreachable*: every scope raises
+`StoreUnavailable` at once, saying why, instead of waiting for the pool's timeout; a thread of
+the store (`_probe`) tries a connection of its own every PROBE_EVERY_S, and at once when a
+scope asks (the scope waits for that try, PROBE_WAIT_S at most), and the store is usable
+again the moment one succeeds: the first request after the database is back is served. The
+same holds from the start with `wait_for_database`: a database unreachable at open is set up
+(migrated, or a mapping checked) by the first try that reaches it. Other waits are bounded by
+`connect_timeout_s` (the pool's, libpq's connect_timeout, TCP's user timeout for
+unacknowledged data) and `lock_timeout_ms`, and each by what the scope's caller has left
+(its `timeout`). A connection refused for a bad password or a missing database is taken as
+unreachable too (libpq gives no SQLSTATE to tell them apart), and logged with libpq's reason.
 
 What this module must never do
 ------------------------------
@@ -74,6 +84,8 @@ import itertools
 import logging
 import math
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -448,10 +460,11 @@ class _PostgresTxn(RosterTxn):
 
     def __init__(self, store: "PostgresStore", connection: psycopg.Connection, user: str,
                  refuse_writes_because: str | None, opening: list[tuple[str, tuple]],
-                 lock_user: bool) -> None:
+                 lock_user: bool, deadline: float) -> None:
         self.user = user
         self._store = store
         self._connection = connection
+        self._deadline = deadline  # for another connection, if this one turns out dead
         self._refuse_writes_because = refuse_writes_because
         self._open = True
         self._opening = opening  # not sent yet; sent with the first statement
@@ -534,8 +547,7 @@ class _PostgresTxn(RosterTxn):
                     log.info("a pooled connection to %s was lost while idle (%s); "
                              "taking another", store.dsn_shown, _one_line(exc))
                     self._begun = False
-                    with store._translated_errors(None):
-                        replacement = store._pool.getconn()
+                    replacement = store._getconn(self._deadline)
                     store._pool.putconn(connection)  # broken: the pool discards it
                     self._connection = replacement
                     continue
@@ -624,6 +636,19 @@ def _counter_of(cursor: psycopg.Cursor) -> int:
     return 0 if record is None else record[0]
 
 
+# While the database is unreachable the store tries a connection of its own this often, and
+# at once when a scope asks; a scope waits that long at most for the try, then gives
+# StoreUnavailable (a server that is down refuses in a millisecond; one that does not answer
+# at all would otherwise hold every request for the whole connect timeout).
+PROBE_EVERY_S = 0.25
+PROBE_WAIT_S = 0.5
+# A scope waits for a pooled connection in slices this long, so that it gives up as soon as
+# the store finds the database unreachable rather than at the end of the pool's timeout.
+_GETCONN_SLICE_S = 0.05
+# A write scope with less time left than the lock timeout waits that long at most.
+_SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
+
+
 class PostgresStore(RosterStore):
     """Rosters in one PostgreSQL database, through a small pool of connections per instance.
 
@@ -632,11 +657,17 @@ class PostgresStore(RosterStore):
     waits for another one holding the same user's lock. Keep their sum under the shim's
     call_timeout. Threads may share an instance; a scope opened inside another one in the same
     thread is an error, as with every adapter.
+
+    `wait_for_database`: a database that cannot be reached at open is not an error: the store
+    opens, its scopes raise StoreUnavailable at once, and it sets the database up (migrations,
+    a mapping's check) as soon as a connection succeeds (what `roster-port serve` wants). A
+    database that can be reached and does not fit is a StoreError at open either way; found
+    later, it is reported to the failure handler (set_failure_handler).
     """
 
     def __init__(self, dsn: str, *, pool_min: int = 1, pool_max: int = 4,
                  connect_timeout_s: float = 2.0, lock_timeout_ms: int = 2000,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, wait_for_database: bool = False) -> None:
         if not 1 <= pool_min <= pool_max:
             raise ValueError(f"need 1 <= pool_min <= pool_max, not {pool_min} and {pool_max}")
         if not connect_timeout_s > 0:
@@ -655,6 +686,19 @@ class PostgresStore(RosterStore):
         self._closed = False
         self._scopes_in_thread = threading.local()
         self._versions_counted = False  # until _set_up has seen the triggers
+        # Reachability ("Failures" in the module doc), guarded by _state but for the Event.
+        self._state = threading.Condition()
+        self._usable = threading.Event()  # set up, and not found unreachable since
+        self._set_up_done = False
+        self._unreachable_because = ""
+        self._unreachable_since = 0.0
+        self._prober: threading.Thread | None = None
+        self._probe_now = threading.Event()
+        self._probes_started = 0
+        self._probes_done = 0  # the number of the last try that ended
+        self._failure: StoreError | None = None
+        self._on_failure: Callable[[StoreError], None] | None = None
+        self._feeds: weakref.WeakSet[PostgresChangeFeed] = weakref.WeakSet()
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
             open=False,
@@ -662,46 +706,72 @@ class PostgresStore(RosterStore):
             max_size=pool_max,
             kwargs=self._connection_options(dsn_parameters),
             configure=self._configure_connection,
-            # How long a request waits for a connection. While the server is down, that is how
-            # long an operation takes to give StoreUnavailable.
+            # How long a request waits for a connection at most (see _getconn).
             timeout=connect_timeout_s,
             # No background retries with growing back-off (1 s, 2 s, 4 s...): that would keep
             # the store unavailable for up to the last delay after the server is back. A failed
-            # connection attempt is given up at once, and the next request tries again.
+            # connection attempt is given up at once, and tells the store (reconnect_failed),
+            # which tries on its own until one succeeds (_probe).
             reconnect_timeout=0,
+            reconnect_failed=self._pool_cannot_connect,
             num_workers=1,  # a single-threaded process needs no parallel connection attempts
             name=f"roster-port {dsn_parameters.get('dbname', '')}".rstrip(),
         )
         try:
-            with self._translated_errors(None):
-                self._pool.open(wait=True, timeout=connect_timeout_s)
-            self._prepare_database()
-        except BaseException:
-            self._pool.close()
-            raise
-        log.info("opened %s", self.describe())
+            self._set_up_on_a_new_connection()
+            unreachable = None
+        except StoreUnavailable as exc:
+            if not wait_for_database:
+                raise
+            unreachable = str(exc)
+        self._pool.open(wait=False)
+        if unreachable is None:
+            self._usable.set()
+            log.info("opened %s", self.describe())
+        else:
+            log.warning("%s: %s; answering store_unavailable until a connection succeeds "
+                        "(tried every %g s), then setting the database up", self.describe(),
+                        unreachable, PROBE_EVERY_S)
+            self._mark_unreachable(unreachable)
 
     # --- RosterStore ------------------------------------------------------------------------
 
-    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+    def transaction(self, user: str, *, timeout: float | None = None
+                    ) -> contextlib.AbstractContextManager[RosterTxn]:
         if self.read_only:
             return self._scope(user, _BEGIN_SNAPSHOT, lock_user=False,
-                               refuse_writes_because="the store is opened read-only")
-        return self._scope(user, _BEGIN_WRITE, lock_user=True, refuse_writes_because=None)
+                               refuse_writes_because="the store is opened read-only",
+                               timeout=timeout)
+        return self._scope(user, _BEGIN_WRITE, lock_user=True, refuse_writes_because=None,
+                           timeout=timeout)
 
-    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+    def snapshot(self, user: str, *, timeout: float | None = None
+                 ) -> contextlib.AbstractContextManager[RosterTxn]:
         return self._scope(user, _BEGIN_SNAPSHOT, lock_user=False,
-                           refuse_writes_because="a snapshot is read-only; use transaction()")
+                           refuse_writes_because="a snapshot is read-only; use transaction()",
+                           timeout=timeout)
 
     def open_change_feed(self) -> ChangeFeed:
-        """Changes not stamped with this store's origin, from the feed's own connection."""
+        """Changes not stamped with this store's origin, from the feed's own connection.
+
+        Opened while the database is not set up yet (unreachable since the store opened), the
+        feed connects once it is, and then says it resumed (ChangeFeed.take_resumed)."""
         options = self._connection_options(self._dsn_parameters)
         options.pop("autocommit", None)
         if "application_name" in options:  # ours, not the DSN's
             options["application_name"] = "roster-port feed"
-        return PostgresChangeFeed(self._dsn, origin=self.origin, dsn_shown=self.dsn_shown,
+        feed = PostgresChangeFeed(self._dsn, origin=self.origin, dsn_shown=self.dsn_shown,
                                   connect_timeout_s=self.connect_timeout_s,
-                                  connection_options=options)
+                                  connection_options=options, ready=self._is_set_up)
+        self._feeds.add(feed)  # told to connect at once when the database is back
+        return feed
+
+    def set_failure_handler(self, handler: Callable[[StoreError], None]) -> None:
+        with self._state:
+            self._on_failure = handler
+            failure = self._failure
+        if failure is not None:
+            handler(failure)
 
     def describe(self) -> str:
         access = "read-only" if self.read_only else "read-write"
@@ -712,25 +782,30 @@ class PostgresStore(RosterStore):
         )
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._probe_now.set()
+            self._state.notify_all()
         self._pool.close(timeout=self.connect_timeout_s + 1)
 
     # --- Scopes -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _scope(self, user: str, begin: str, *, lock_user: bool,
-               refuse_writes_because: str | None) -> Iterator[RosterTxn]:
+               refuse_writes_because: str | None, timeout: float | None) -> Iterator[RosterTxn]:
         with self._one_scope_in_thread():
             # BEGIN (and the lock) go with the scope's first statement (_PostgresTxn).
             opening = [(begin, ())]
             if lock_user:
+                if (lock_timeout := self._lock_timeout_within(timeout)) is not None:
+                    opening.append((_SET_LOCK_TIMEOUT, (lock_timeout,)))
                 opening.append((_LOCK_USER, (user, self.origin, user)))
-            with self._translated_errors(None):
-                connection = self._pool.getconn()
+            deadline = self._connection_deadline(timeout)
+            connection = self._getconn(deadline)
             txn = _PostgresTxn(self, connection, user, refuse_writes_because, opening,
-                               lock_user)
+                               lock_user, deadline)
             try:
                 yield txn
             except BaseException:
@@ -758,7 +833,7 @@ class PostgresStore(RosterStore):
         finally:
             self._scopes_in_thread.open = False
 
-    def _begin(self, begin: str) -> psycopg.Connection:
+    def _begin(self, begin: str, deadline: float) -> psycopg.Connection:
         """A connection from the pool with the scope's transaction begun.
 
         The caller gives the connection back through `_commit` or `_rollback`.
@@ -768,8 +843,7 @@ class PostgresStore(RosterStore):
         # take over. The pool discards each broken one, so after at most pool_max of them it
         # connects afresh (or times out: the server is down).
         for attempt in itertools.count(1):
-            with self._translated_errors(None):
-                connection = self._pool.getconn()
+            connection = self._getconn(deadline)
             try:
                 connection.execute(begin)
             except psycopg.Error as exc:
@@ -860,14 +934,8 @@ class PostgresStore(RosterStore):
 
     def _store_error(self, exc: psycopg.Error, connection: psycopg.Connection | None
                      ) -> StoreError:
-        if isinstance(exc, psycopg_pool.PoolTimeout):
-            detail = (f"PostgreSQL {self.dsn_shown}: no connection within "
-                      f"{self.connect_timeout_s:g} s (the server is down, unreachable or "
-                      "refusing connections; the psycopg.pool warnings in the log say why)")
-        else:
-            sqlstate = f" [{exc.sqlstate}]" if exc.sqlstate else ""
-            detail = (f"PostgreSQL {self.dsn_shown}: "
-                      f"{type(exc).__name__}{sqlstate}: {_one_line(exc)}")
+        sqlstate = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+        detail = f"PostgreSQL {self.dsn_shown}: {type(exc).__name__}{sqlstate}: {_one_line(exc)}"
         lost = connection is not None and (connection.broken or connection.closed)
         cannot_write_now = exc.sqlstate in _UNAVAILABLE_SQLSTATES
         if isinstance(exc, psycopg.OperationalError) or lost or cannot_write_now:
@@ -907,9 +975,29 @@ class PostgresStore(RosterStore):
             (f"{self.lock_timeout_ms}ms", f"{IDLE_IN_TRANSACTION_TIMEOUT_MS}ms"),
         )
 
-    def _prepare_database(self) -> None:
-        with self._translated_errors(None):
-            connection = self._pool.getconn()
+    def _connect_alone(self) -> psycopg.Connection:
+        """A connection of its own (outside the pool, configured as the pool's are), or
+        StoreUnavailable saying why not."""
+        try:
+            connection = psycopg.connect(self._dsn, **self._connection_options(self._dsn_parameters))
+        except psycopg.Error as exc:
+            # Bad passwords and missing databases too: libpq gives no SQLSTATE to tell them
+            # from a server that is down, and they are put right without a restart.
+            raise StoreUnavailable(f"PostgreSQL {self.dsn_shown}: cannot connect: "
+                                   f"{_one_line(exc)}") from exc
+        try:
+            with self._translated_errors(connection):
+                self._configure_connection(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _set_up_on_a_new_connection(self) -> None:
+        """Make the database ready to serve (the migrations, or a mapping's check), on a
+        connection of its own: StoreUnavailable if it cannot be reached, StoreError if it can
+        and does not fit."""
+        connection = self._connect_alone()
         try:
             with self._translated_errors(connection):
                 encoding = connection.execute("SHOW server_encoding").fetchone()[0]
@@ -919,12 +1007,155 @@ class PostgresStore(RosterStore):
                         "rosters need UTF8 (CREATE DATABASE ... ENCODING 'UTF8')")
                 self._set_up(connection)
         finally:
-            # A set-up step that failed halfway leaves its transaction open: roll it back.
-            if connection.info.transaction_status in (TransactionStatus.INTRANS,
-                                                      TransactionStatus.INERROR):
-                with contextlib.suppress(psycopg.Error):
-                    connection.execute("ROLLBACK")
-            self._give_back(connection)
+            connection.close()  # which rolls back what a step that failed halfway left open
+        self._set_up_done = True
+
+    # --- Reachability -----------------------------------------------------------------------
+
+    def _is_set_up(self) -> bool:
+        return self._set_up_done
+
+    def _connection_deadline(self, timeout: float | None) -> float:
+        """When a scope stops waiting for a connection: after the connect timeout, or the
+        time its caller has left if that is shorter."""
+        wait = self.connect_timeout_s if timeout is None else min(self.connect_timeout_s, timeout)
+        return time.monotonic() + wait
+
+    def _lock_timeout_within(self, timeout: float | None) -> str | None:
+        """The lock timeout of a write scope whose caller has less time left than the
+        configured one (a setting local to its transaction), or None."""
+        if timeout is None or timeout * 1000 >= self.lock_timeout_ms:
+            return None
+        return f"{max(1, int(timeout * 1000))}ms"
+
+    def _getconn(self, deadline: float) -> psycopg.Connection:
+        """A pooled connection by `deadline` (on time.monotonic()); StoreUnavailable when there
+        is none by then, or at once when the database is found unreachable."""
+        while True:
+            self._wait_until_usable(deadline)
+            remaining = deadline - time.monotonic()
+            try:
+                return self._pool.getconn(timeout=max(0.001, min(remaining, _GETCONN_SLICE_S)))
+            except psycopg_pool.PoolClosed as exc:
+                raise StoreError(f"the store on {self.dsn_shown} is closed") from exc
+            except psycopg_pool.PoolTimeout as exc:
+                if time.monotonic() < deadline:
+                    continue  # one more slice, if the database was not found unreachable
+                detail = (f"PostgreSQL {self.dsn_shown}: no connection within the connect "
+                          f"timeout ({self.connect_timeout_s:g} s) or the request's deadline")
+                if self._pool.get_stats().get("pool_size", 0) < self.pool_max:
+                    # Not every connection is busy: new ones cannot be made in time.
+                    self._mark_unreachable(detail)
+                log.warning("PostgreSQL database unavailable: %s", detail)
+                raise StoreUnavailable(detail) from exc
+
+    def _wait_until_usable(self, deadline: float) -> None:
+        """Return at once while the database is reachable. Otherwise have a connection tried
+        now, wait for that try (at most PROBE_WAIT_S, and not past `deadline`), and raise
+        StoreUnavailable unless it succeeded."""
+        if self._usable.is_set():
+            return
+        with self._state:
+            wanted = self._probes_started + 1  # a try that starts from now on
+            self._probe_now.set()
+            self._state.wait_for(
+                lambda: (self._usable.is_set() or self._closed or self._failure is not None
+                         or self._probes_done >= wanted),
+                timeout=max(0.0, min(PROBE_WAIT_S, deadline - time.monotonic())))
+            if self._usable.is_set():
+                return
+            if self._closed:
+                raise StoreError(f"the store on {self.dsn_shown} is closed")
+            if self._failure is not None:
+                raise StoreError(str(self._failure))
+            since = time.monotonic() - self._unreachable_since
+            raise StoreUnavailable(f"{self._unreachable_because} (unreachable for {since:.1f} s; "
+                                   f"tried every {PROBE_EVERY_S:g} s and at each request)")
+
+    def _pool_cannot_connect(self, pool: psycopg_pool.ConnectionPool) -> None:
+        # The pool's reconnect_failed: in one of its threads.
+        self._mark_unreachable(f"PostgreSQL {self.dsn_shown}: the pool could not connect (the "
+                               "psycopg.pool warnings in the log say why)")
+
+    def _mark_unreachable(self, reason: str) -> None:
+        """Scopes fail fast from now on, until a connection of the prober succeeds."""
+        with self._state:
+            if self._closed or self._failure is not None:
+                return
+            self._unreachable_because = reason
+            if self._usable.is_set() or not self._unreachable_since:
+                self._usable.clear()
+                self._unreachable_since = time.monotonic()
+                if self._set_up_done:
+                    log.warning("%s; answering store_unavailable until a connection succeeds "
+                                "(tried every %g s and at each request)", reason, PROBE_EVERY_S)
+            if self._prober is None:
+                self._prober = threading.Thread(target=self._probe, daemon=True,
+                                                name="roster-port store probe")
+                self._prober.start()
+
+    def _probe(self) -> None:
+        """The prober thread: while the database is unreachable, try a connection every
+        PROBE_EVERY_S or when a scope asks; set the database up if it never was; then let the
+        scopes through, and tell the change feeds to connect at once."""
+        logged = time.monotonic()
+        while True:
+            self._probe_now.wait(PROBE_EVERY_S)
+            with self._state:
+                if self._closed:
+                    self._prober = None
+                    return
+                self._probe_now.clear()
+                self._probes_started += 1
+                number = self._probes_started
+            was_set_up = self._set_up_done
+            try:
+                if was_set_up:
+                    try:
+                        self._connect_alone().close()
+                    except StoreError as exc:  # served before: never a reason to stop now
+                        raise StoreUnavailable(str(exc)) from exc
+                else:
+                    self._set_up_on_a_new_connection()
+            except StoreUnavailable as exc:
+                with self._state:
+                    self._unreachable_because = str(exc)
+                    self._probes_done = number
+                    self._state.notify_all()
+                if time.monotonic() - logged >= 30:
+                    logged = time.monotonic()
+                    log.warning("%s (unreachable for %.0f s)", exc,
+                                logged - self._unreachable_since)
+                continue
+            except Exception as exc:  # noqa: BLE001 - StoreError: reachable, and does not fit
+                failure = exc if isinstance(exc, StoreError) else StoreError(
+                    f"setting up {self.dsn_shown} failed: {type(exc).__name__}: {exc}")
+                if not isinstance(exc, StoreError):
+                    log.exception("setting up %s failed", self.dsn_shown)
+                with self._state:
+                    self._failure = failure
+                    self._probes_done = number
+                    self._prober = None
+                    self._state.notify_all()
+                    handler = self._on_failure
+                log.error("%s can be reached and cannot be served: %s", self.dsn_shown, failure)
+                if handler is not None:
+                    handler(failure)
+                return
+            with self._state:
+                self._probes_done = number
+                self._prober = None
+                if not self._closed:
+                    self._usable.set()
+                self._state.notify_all()
+                feeds = list(self._feeds)
+            log.warning("PostgreSQL %s reachable again after %.1f s; serving", self.dsn_shown,
+                        time.monotonic() - self._unreachable_since)
+            if not was_set_up:
+                log.info("opened %s", self.describe())
+            for feed in feeds:
+                feed.retry_now()
+            return
 
     def _set_up(self, connection: psycopg.Connection) -> None:
         """Make the database ready to serve: here, apply the pending migrations."""

@@ -9,7 +9,8 @@ writer and the writer never waits for readers.
 - `transaction(user)` runs `BEGIN IMMEDIATE`: it takes SQLite's single write lock *before* the
   first read, so a read-modify-write from one process can never interleave with another's (with
   a deferred BEGIN, two processes could both read, then one would fail to upgrade to a writer).
-  Waiting for the lock is bounded by the busy timeout; waiting longer is `StoreUnavailable`.
+  Waiting for the lock is bounded by the busy timeout, and by what is left of the request's
+  deadline (the scope's `timeout`); waiting longer is `StoreUnavailable`.
 - `snapshot(user)` runs a deferred `BEGIN`: a consistent read that takes no write lock. Its
   `RosterTxn` refuses writes.
 - Versions are kept by the database, not by this code: triggers on `roster_items` bump the
@@ -346,6 +347,7 @@ class SQLiteStore(RosterStore):
         self._lock = threading.RLock()
         self._connection: sqlite3.Connection | None = None
         self._file_identity: tuple[int, int] | None = None
+        self._busy_timeout_set = busy_timeout_ms  # the connection's, as last set
         self._closed = False
         # Only the first open may create the file; see the module docstring.
         self._connect(may_create=not read_only)
@@ -353,14 +355,18 @@ class SQLiteStore(RosterStore):
 
     # --- RosterStore ------------------------------------------------------------------------
 
-    def transaction(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
+    def transaction(self, user: str, *, timeout: float | None = None
+                    ) -> contextlib.AbstractContextManager[RosterTxn]:
         if self.read_only:
             # A read-only connection cannot take the write lock; nothing will be written anyway.
-            return self._scope(user, "BEGIN", f"the store {self.path} is opened read-only")
-        return self._scope(user, "BEGIN IMMEDIATE", None)
+            return self._scope(user, "BEGIN", f"the store {self.path} is opened read-only",
+                               timeout)
+        return self._scope(user, "BEGIN IMMEDIATE", None, timeout)
 
-    def snapshot(self, user: str) -> contextlib.AbstractContextManager[RosterTxn]:
-        return self._scope(user, "BEGIN", "a snapshot is read-only; use transaction() to write")
+    def snapshot(self, user: str, *, timeout: float | None = None
+                 ) -> contextlib.AbstractContextManager[RosterTxn]:
+        return self._scope(user, "BEGIN", "a snapshot is read-only; use transaction() to write",
+                           timeout)
 
     def describe(self) -> str:
         access = "read-only" if self.read_only else "read-write"
@@ -398,13 +404,15 @@ class SQLiteStore(RosterStore):
     # --- Scopes -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _scope(self, user: str, begin: str, refuse_writes_because: str | None
-               ) -> Iterator[RosterTxn]:
-        with self._lock, self._writer_turn(begin == "BEGIN IMMEDIATE"):
+    def _scope(self, user: str, begin: str, refuse_writes_because: str | None,
+               timeout: float | None = None) -> Iterator[RosterTxn]:
+        wait_ms = self._wait_ms(timeout)
+        with self._lock, self._writer_turn(begin == "BEGIN IMMEDIATE", wait_ms):
             connection = self._usable_connection()
             if connection.in_transaction:
                 raise StoreError("a transaction is already open on this store (no nesting)")
             with self._translated_errors():
+                self._set_busy_timeout(connection, wait_ms)
                 connection.execute(begin)
             txn = _SQLiteTxn(self, connection, user, refuse_writes_because)
             try:
@@ -423,24 +431,42 @@ class SQLiteStore(RosterStore):
             finally:
                 txn._open = False
 
+    def _wait_ms(self, timeout: float | None) -> int:
+        """How long a scope may wait for the write lock: the busy timeout, or less when its
+        caller's deadline comes first (so that it is answered by then, not after). Rounded
+        down to 100 ms steps above 100 ms, so that requests with about the same deadline leave
+        the connection's busy timeout as it is."""
+        if timeout is None:
+            return self.busy_timeout_ms
+        wait_ms = max(0, int(timeout * 1000))
+        if wait_ms >= 100:
+            wait_ms -= wait_ms % 100
+        return min(self.busy_timeout_ms, wait_ms)
+
+    def _set_busy_timeout(self, connection: sqlite3.Connection, wait_ms: int) -> None:
+        if wait_ms != self._busy_timeout_set:
+            # An int of ours, not data (a PRAGMA takes no bound parameter).
+            connection.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+            self._busy_timeout_set = wait_ms
+
     @contextlib.contextmanager
-    def _writer_turn(self, writes: bool) -> Iterator[None]:
+    def _writer_turn(self, writes: bool, wait_ms: int) -> Iterator[None]:
         """Writers of this process take turns on a lock of their own before BEGIN IMMEDIATE.
 
         SQLite has one writer at a time anyway; without this, the threads of one process would
         compete for it through the busy handler, which sleeps (up to 100 ms a try) instead of
         handing the lock over at commit: a write would wait milliseconds behind another one of
         a microsecond. Other processes still meet at SQLite's lock and its busy timeout. The
-        wait here is bounded by the same busy timeout.
+        wait here is bounded by the same busy timeout (or the caller's deadline: `wait_ms`).
         """
         if not writes:
             yield
             return
         turn = _writer_turns(self.path)
-        if not turn.acquire(timeout=self.busy_timeout_ms / 1000):
+        if not turn.acquire(timeout=wait_ms / 1000):
             raise StoreUnavailable(
                 f"{self.path}: another request of this process has held the write lock for "
-                f"over the busy timeout ({self.busy_timeout_ms} ms)")
+                f"{wait_ms} ms (the busy timeout, or what was left of the request's deadline)")
         try:
             yield
         finally:
@@ -528,6 +554,7 @@ class SQLiteStore(RosterStore):
                 connection.close()
                 raise
         self._connection = connection
+        self._busy_timeout_set = self.busy_timeout_ms  # sqlite3.connect's `timeout`
         self._file_identity = self._current_file_identity()
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
@@ -634,12 +661,17 @@ class SQLiteChangeFeed(ChangeFeed):
     RETENTION_DAYS = 1.0
     PRUNE_EVERY = 3000  # polls (about ten minutes)
     BATCH = 5000
+    # The feed is read by the serving loop, which answers pings: it never waits long for a
+    # lock another process holds (only the prune needs the write lock; it is tried again at
+    # the next prune).
+    BUSY_TIMEOUT_MS = 100
 
     def __init__(self, path: str, *, origin: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self.origin = origin
         self._connection = sqlite3.connect(
-            f"{Path(path).as_uri()}?mode=rw", uri=True, timeout=busy_timeout_ms / 1000,
+            f"{Path(path).as_uri()}?mode=rw", uri=True,
+            timeout=min(busy_timeout_ms, self.BUSY_TIMEOUT_MS) / 1000,
             isolation_level=None, check_same_thread=False,
         )
         # Another application may store any bytes as text; the feed must read past them.
@@ -662,17 +694,14 @@ class SQLiteChangeFeed(ChangeFeed):
             ).fetchall()
             if len(records) < self.BATCH:  # else: more to read at the next poll
                 self._data_version = data_version
-            self._polls += 1
-            if self._polls % self.PRUNE_EVERY == 0:
-                self._connection.execute(
-                    "DELETE FROM roster_changes WHERE recorded_at < julianday('now') - ?",
-                    (self.RETENTION_DAYS,),
-                )
         except sqlite3.Error as exc:
             log.warning("change feed on %s: %s; retrying at the next poll", self.path, exc)
             return []
         if records:
             self._after = records[-1][0]
+        self._polls += 1
+        if self._polls % self.PRUNE_EVERY == 0:
+            self._prune()
         changes = []
         for entry_id, user, contact, old, new, origin in records:
             if origin == self.origin:
@@ -684,6 +713,18 @@ class SQLiteChangeFeed(ChangeFeed):
                 continue
             changes.append(OutsideChange(user, contact, old, new))
         return changes
+
+    def _prune(self) -> None:
+        # Apart from the read: a prune that fails (the write lock held elsewhere) loses none
+        # of the entries just read.
+        try:
+            self._connection.execute(
+                "DELETE FROM roster_changes WHERE recorded_at < julianday('now') - ?",
+                (self.RETENTION_DAYS,),
+            )
+        except sqlite3.Error as exc:
+            log.warning("change feed on %s: pruning the change log failed (%s); trying again "
+                        "at the next prune", self.path, exc)
 
     def close(self) -> None:
         self._connection.close()

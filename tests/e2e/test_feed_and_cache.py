@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import stat
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from ejabberd_harness import EjabberdServer, roster_port_command
+from ejabberd_harness import EjabberdServer
 
 pytestmark = pytest.mark.e2e
 
@@ -270,76 +268,3 @@ def test_ejabberdctl_add_rosteritem_reaches_store_and_client(ejabberd, users, co
         "SELECT name, subscription, groups, in_roster FROM roster_items "
         "WHERE user = ? AND contact = ?", (alice_jid, carol_jid))
     assert [(n, s, json.loads(g), r) for n, s, g, r in rows] == [("Carol", "both", ["Friends"], 1)]
-
-
-def test_subscription_presences_kept_while_the_program_is_down(tmp_path: Path):
-    """Bob subscribes while no program runs (a wrapper refuses to start it while a flag file
-    exists): both ends' presences are kept, replayed when it is back, and Alice gets the
-    request."""
-    from conftest import PASSWORD, _missing
-    from xmpp_client import Client
-
-    if _missing():
-        pytest.skip(_missing())
-    workdir = tmp_path / "ejabberd"
-    workdir.mkdir()
-    flag = workdir / "program-down"
-    wrapper = workdir / "roster-port-wrapper"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"if [ -e '{flag}' ]; then echo 'roster-port wrapper: down on purpose' >&2; exit 75; fi\n"
-        f"exec '{roster_port_command()}' serve --config '{workdir / 'roster-port.toml'}'\n")
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    server = EjabberdServer(workdir, command=str(wrapper))
-    server.start()
-    try:
-        server.wait_for_log("speaks protocol", server.pool_size)
-        server.register("alice", "bob", password=PASSWORD)
-
-        async def scenario():
-            alice = Client("alice@localhost/t", PASSWORD, server.c2s_port)
-            bob = Client("bob@localhost/t", PASSWORD, server.c2s_port)
-            await alice.connect()
-            await bob.connect()
-            try:
-                flag.touch()
-                offset = server.log_size()
-                killed = server.program_pids()
-                assert len(killed) == server.pool_size
-                for pid in killed:
-                    os.kill(pid, 9)
-                # Each worker has seen its program go. Mostly "exited with status 137"; but a
-                # request written between the death and the VM's notice of it (Bob's login is
-                # still being served) fails with epipe, and then the VM reports no exit status:
-                # the worker says so instead. Its line names the program's os pid either way.
-                # Waited for in a thread: slixmpp needs the event loop to send.
-                for pid in killed:
-                    await asyncio.to_thread(server.wait_for_log, f"program (os pid {pid}) ", 1,
-                                            offset)
-                bob.send_subscription("alice@localhost", "subscribe", status="kept for you")
-                await asyncio.to_thread(server.wait_for_log, "keeping in_subscription", 1,
-                                        offset, 5)
-                await asyncio.to_thread(server.wait_for_log, "keeping out_subscription", 1,
-                                        offset, 5)
-                await asyncio.sleep(0.3)
-                assert alice.presences_from("bob@localhost", "subscribe") == []
-                flag.unlink()
-                await asyncio.to_thread(server.wait_for_log, "replaying", 1, offset, 20)
-
-                request = (await alice.wait_for(
-                    lambda c: c.presences_from("bob@localhost", "subscribe"), 10))[0]
-                assert request.status == "kept for you"
-                await bob.wait_for(lambda c: any(p.item.ask == "subscribe"
-                                                 for p in c.pushes_for("alice@localhost")))
-                assert (await bob.roster_get()).items["alice@localhost"].ask == "subscribe"
-            finally:
-                alice.xmpp.disconnect()
-                bob.xmpp.disconnect()
-
-        asyncio.run(scenario())
-        rows = server.store_query(
-            "SELECT user, contact, pending_in, pending_out FROM roster_items ORDER BY user")
-        assert rows == [("alice@localhost", "bob@localhost", 1, 0),
-                        ("bob@localhost", "alice@localhost", 0, 1)]
-    finally:
-        server.stop()

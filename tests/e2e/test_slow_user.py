@@ -5,10 +5,10 @@ program on PostgreSQL, real slixmpp clients.
 The operator's application holds a row lock on alice's roster for longer than call_timeout.
 Meanwhile twelve other users' roster sets and gets on the same program process are all answered
 (before alice's), the program is not restarted, alice's client gets the safe answer once the
-shim's deadline passes, and alice's next request, queued behind hers, is never carried out
-after its deadline: the program answers it `timeout`. (That second request comes from another
-resource of alice's: one c2s process runs its IQs one at a time, so its second IQ would only be
-sent once the first had its answer.)
+shim's deadline passes, and neither her request nor her next one, queued behind it, is carried
+out after its caller was answered: each waits for the lock no longer than its own deadline.
+(That second request comes from another resource of alice's: one c2s process runs its IQs one
+at a time, so its second IQ would only be sent once the first had its answer.)
 """
 
 from __future__ import annotations
@@ -121,11 +121,11 @@ def test_a_user_stuck_behind_a_lock_delays_no_other_user_on_the_same_program(ser
                         await pending
                     assert (refused.value.etype, refused.value.condition) == ("wait", "internal-server-error")
                 holder.rollback()  # the application lets go
-            # Alice's first write was running: it is finished, and its push comes late.
-            await alice.wait_for(lambda client: client.pushes_for(f"carol@{host}"), timeout=10)
+            # Neither of alice's writes was carried out after its caller was answered: each
+            # waited for the lock no longer than its own deadline.
             roster = await alice.roster_get()
-            # Her second was only queued and its deadline passed: never carried out.
-            assert f"carol@{host}" in roster.items and f"dave@{host}" not in roster.items
+            assert f"carol@{host}" not in roster.items and f"dave@{host}" not in roster.items
+            assert alice.pushes_for(f"carol@{host}") == [] == alice.pushes_for(f"dave@{host}")
             return log_offset
         finally:
             for client in clients:
@@ -136,4 +136,4 @@ def test_a_user_stuck_behind_a_lock_delays_no_other_user_on_the_same_program(ser
     log = server.log_path.read_text()[log_offset:]
     assert "killing" not in log and "restarting" not in log, log
     program_log = server.program_log_path.read_text()
-    assert "the deadline passed before the request could start" in program_log
+    assert program_log.count("store unavailable") >= 2, program_log
