@@ -339,9 +339,8 @@ def subscription(
         event,
         pre_approval=rules.policy.pre_approval,
         auto_unsubscribed=rules.policy.auto_unsubscribed,
-        # A replay is delivered on mutual_rows' rule: when the stored state shows the event
-        # applied already (its first delivery went with the lost answer).
-        mutual_rows=rules.policy.mutual_rows or replayed,
+        mutual_rows=rules.policy.mutual_rows,
+        replayed=replayed,
     )
     new = moved.new
     in_roster = row.in_roster or (

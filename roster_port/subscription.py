@@ -203,8 +203,12 @@ def step(
     pre_approval: bool = True,
     auto_unsubscribed: bool = True,
     mutual_rows: bool = False,
+    replayed: bool = False,
 ) -> Step:
     """Apply `event` to the item in `state`. Total: every stored state and event has an answer.
+
+    `replayed`: the shim sends an inbound presence again because it never got the first answer
+    (docs/protocol.md, `replay`); one the stored state shows applied already is delivered.
 
     `mutual_rows` is for operators' schemas where one row serves both people (a friendship):
     there the contact's own write has already made the request pending (or the subscription
@@ -242,6 +246,17 @@ def step(
         or (event == Event(Direction.IN, "subscribed") and old.has_to)
     ):
         deliver = True
+    if replayed and not deliver and event.direction is Direction.IN and new == old:
+        # The shim sends the presence again because the first answer was lost: the state it
+        # leaves, unchanged now, shows it applied then, and its delivery went with that answer.
+        # Delivered again, as the contact sent it (a client shown a presence twice loses
+        # nothing; one never shown it keeps a stale request or subscription on screen).
+        deliver = {
+            "subscribe": new.pending_in,
+            "subscribed": new.has_to,
+            "unsubscribe": not new.has_from and not new.pending_in,
+            "unsubscribed": not new.has_to and not new.pending_out,
+        }[event.presence_type]
     if auto_reply == "unsubscribed" and not auto_unsubscribed:
         auto_reply = None
     return Step(old=old, new=canonical(new), deliver=deliver, auto_reply=auto_reply, route=route)

@@ -396,10 +396,27 @@ def test_a_replayed_inbound_presence_not_applied_yet_is_applied_as_the_first_tim
     result = replayed(session, "in_subscription", ALICE, BOB, "subscribed")
     assert result["deliver"] is True
     assert [effect["item"]["subscription"] for effect in result["effects"]] == ["to"]
-    # An unsubscribed replayed once applied changes nothing more: nothing to deliver again.
+    # An unsubscribed whose answer was lost, replayed: applied already, delivered again with
+    # the item as it stands (the client kept showing `to`); a plain repeat is not.
     assert session.inbound(ALICE, BOB, "unsubscribed")["deliver"] is True  # T -> N
-    assert replayed(session, "in_subscription", ALICE, BOB, "unsubscribed") == {
-        "deliver": False, "effects": []}
+    again = replayed(session, "in_subscription", ALICE, BOB, "unsubscribed")
+    assert again["deliver"] is True
+    assert [effect["item"]["subscription"] for effect in again["effects"]] == ["none"]
+    assert session.inbound(ALICE, BOB, "unsubscribed")["deliver"] is False
+
+
+def test_a_replayed_inbound_unsubscribe_already_applied_is_delivered_again(session):
+    session.set(ALICE, {"jid": BOB, "name": "Bob"})
+    session.out(ALICE, BOB, "subscribe")
+    session.inbound(ALICE, BOB, "subscribe")
+    session.out(ALICE, BOB, "subscribed")  # F
+    assert session.inbound(ALICE, BOB, "unsubscribe")["deliver"] is True  # F -> N
+    again = replayed(session, "in_subscription", ALICE, BOB, "unsubscribe")
+    assert again["deliver"] is True
+    assert session.item(ALICE, BOB)["subscription"] == "none"
+    # Not from a state that never had the subscription: a stranger's repeat stays dropped.
+    assert replayed(session, "in_subscription", ALICE, "carol@example.com", "subscribed")[
+        "deliver"] is False
 
 
 def test_replayed_outbound_presences_already_applied_are_routed_again(session):

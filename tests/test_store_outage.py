@@ -34,9 +34,10 @@ from test_concurrency import write_lock_held
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "social"
 HELLO = {"protocols": [2], "shim": "test", "host": "example.com"}
 TIMEOUT_MS = 5000  # the shim's default call_timeout
-# While the database is down a request is answered at once (a refused connection), not after
-# the pool's timeout (connect_timeout_s = 1 below): this bound tells the two apart.
-FAST_S = 0.5
+# While the database is down a request is answered at once (a refused connection, a few ms),
+# not after the pool's timeout (connect_timeout_s = 1 below): this bound tells the two apart,
+# with room for a loaded machine.
+FAST_S = 0.9
 # The target is 1 s from the moment the database accepts connections; asserted generously.
 RECOVERY_BOUND_S = 5.0
 WAIT_S = 30  # bound on waiting for what must come
@@ -379,7 +380,8 @@ def test_sqlite_locked_longer_than_a_request_deadline_answers_by_the_deadline(tm
                 error, _, took = shim.call(op, args, timeout_ms=500)
                 answers[op] = took
                 assert error["code"] == "store_unavailable" and "locked" in error["message"]
-                assert took < 0.5 + 0.25  # by the deadline, give or take a scheduling slice
+                # By the deadline (not the 60 s busy timeout), give or take a loaded machine.
+                assert took < 0.5 + 1.0
             assert shim.ok("ping", {})["effects"] == []
             # Reads need no write lock (WAL): served meanwhile.
             assert [item["jid"] for item in shim.ok("roster_get", {"user": ALICE})["items"]] == [BOB]

@@ -83,17 +83,24 @@ user_send_packet({#presence{type = Type, to = #jid{} = To} = Pres,
     Access = mod_roster_opt:access(LServer),
     Allowed = acl:match_rule(LServer, Access, jid:remove_resource(JID)) == allow,
     Pres1 = xmpp:put_meta(Pres#presence{from = JID}, ?FORWARDED, true),
+    Lang = maps:get(lang, State, <<"en">>),
     Privacy = Allowed andalso not Own andalso
         ejabberd_hooks:run_fold(privacy_check_packet, LServer, allow,
                                 [State, Pres1, out]) == allow,
-    if not Privacy ->
-            %% A presence to oneself is no subscription; a denied one gets
-            %% its error from ejabberd_c2s, which checks both again.
+    if Own ->
+            %% A presence to oneself is no subscription.
+            {Pres1, State};
+       not Allowed ->
+            %% ejabberd_c2s would answer the error and route the presence all
+            %% the same: the contact would hold what the user's roster does not.
+            Error = xmpp:err_forbidden(<<"Access denied by service policy">>, Lang),
+            {drop, ejabberd_c2s:send(State, xmpp:make_error(Pres1, Error))};
+       not Privacy ->
+            %% ejabberd_c2s checks it again, answers the error, routes nothing.
             {Pres1, State};
        true ->
             case forward_out_subscription(LServer, LUser, Pres1) of
                 {error, Reason} ->
-                    Lang = maps:get(lang, State, <<"en">>),
                     {drop, ejabberd_c2s:send(State, refusal(Pres1, Reason, Lang))};
                 _Done_or_later ->
                     {drop, State}

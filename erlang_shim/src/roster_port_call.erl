@@ -91,7 +91,9 @@ subscription(LServer, LUser, Op, Args, CarryOut) ->
     within_deadline(
       LServer,
       fun() ->
-              case roster_port_journal:append(LServer, User, Op, Args#{<<"user">> => User}) of
+              Left = get(?DEADLINE) - erlang:monotonic_time(millisecond),
+              case roster_port_journal:append(LServer, User, Op, Args#{<<"user">> => User},
+                                              Left) of
                   {run, Seq} ->
                       case call(LServer, LUser, Op, Args) of
                           {ok, Result} ->
@@ -116,8 +118,9 @@ subscription(LServer, LUser, Op, Args, CarryOut) ->
                   {error, full} = Full ->
                       Full;
                   {error, no_journal} ->
-                      %% Only while the journal restarts (a bug, logged by its
-                      %% supervisor): applied and carried out now, or not at all.
+                      %% No journal process (it is restarting after a crash, a
+                      %% bug logged by its supervisor): applied and carried out
+                      %% now, or not at all.
                       ?ERROR_MSG("roster-port: no journal for ~ts; ~ts for ~ts sent "
                                  "without it", [LServer, Op, User]),
                       case call(LServer, LUser, Op, Args) of

@@ -16,8 +16,8 @@
 %%% stops the runner.
 -module(roster_port_effects).
 
--export([start_runner/3, run/2, run_effects/2, handle_async/2, route_subscription/3,
-         replay/3]).
+-export([start_runner/3, run/2, sync/2, run_effects/2, handle_async/2,
+         route_subscription/3, replay/3]).
 
 -include("logger.hrl").
 -include("xmpp.hrl").
@@ -39,8 +39,25 @@ run(Runner, Event) ->
     Runner ! {event, Event},
     ok.
 
+%% @doc Returns once Runner has carried out every event given to it before
+%% (or Timeout ms have passed, or it is gone).
+-spec sync(pid(), timeout()) -> ok | timeout.
+sync(Runner, Timeout) ->
+    MRef = monitor(process, Runner),
+    Runner ! {sync, self(), MRef},
+    receive
+        {synced, MRef} -> demonitor(MRef, [flush]), ok;
+        {'DOWN', MRef, _, _, _} -> ok
+    after max(0, Timeout) ->
+            demonitor(MRef, [flush]),
+            timeout
+    end.
+
 runner_loop(Host, Index, Handler) ->
     receive
+        {sync, From, MRef} ->
+            From ! {synced, MRef},
+            runner_loop(Host, Index, Handler);
         {event, Event} ->
             try run_handler(Handler, Event)
             catch Class:Reason:Stack ->
@@ -204,6 +221,11 @@ replay(Host, Op, #{<<"user">> := User} = Args) ->
       fun() ->
               case roster_port_call:call(LServer, LUser, Op, maps:remove(<<"user">>, Request)) of
                   {ok, Result} ->
+                      %% An earlier run of this entry may have been applied, and
+                      %% its answer come late: its effects (an automatic answer
+                      %% to the contact, pushes) went to the worker's runner, and
+                      %% must be carried out before the user's next entry.
+                      _ = roster_port_pool:sync_runner(LServer, User),
                       carry_out(LServer, Op, Args, Result),
                       ok;
                   Error ->

@@ -14,9 +14,9 @@
 %%% Invariants:
 %%%   - One user's entries are carried out one at a time, in the order they
 %%%     were appended, each to its end before the next starts. A user's first
-%%%     entry, with none before it, is run by its caller at once (append/4
+%%%     entry, with none before it, is run by its caller at once (append/5
 %%%     answers {run, Seq}; the caller says done/2 or failed/3); any other
-%%%     waits its turn and is run by the journal (append/4 answers queued).
+%%%     waits its turn and is run by the journal (append/5 answers queued).
 %%%     Except one appended by the process that runs the user's head entry,
 %%%     while it runs: caused by it (U's `unsubscribe` routed to a local C
 %%%     makes C's server answer `unsubscribed` to U at once, in the same
@@ -44,7 +44,7 @@
 %%%     {error, full} and its caller refuses the presence (nothing applied).
 %%%
 %%% Durability: an entry is written and synced (fsync, ~0.1 ms here) before
-%%% append/4 returns; "done" records are written without a sync, as losing
+%%% append/5 returns; "done" records are written without a sync, as losing
 %%% one only means one harmless repeat after a crash. The file is emptied
 %%% whenever no entry is held (the usual case: a presence is carried out in
 %%% milliseconds) and rewritten with the live entries once it holds more than
@@ -52,7 +52,7 @@
 -module(roster_port_journal).
 -behaviour(gen_server).
 
--export([child_spec/2, name/1, start_link/2, append/4, done/2, failed/3, status/1,
+-export([child_spec/2, name/1, start_link/2, append/5, done/2, failed/3, status/1,
          retry_reason/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -64,12 +64,19 @@
 -define(MAX_RUNNING, 16).
 -define(TICK_MS, 100).
 -define(COMPACT_RECORDS, 50000).
--define(APPEND_TIMEOUT_MS, 5000).
+%% Entries of one user at most: a flood towards one user must not fill the
+%% journal for everyone.
+-define(MAX_USER_ENTRIES, 1000).
 -define(LOG_MS, 10000).
 
 -type seq() :: pos_integer().
+%% A run's entry, as its caller names it to done/2 and failed/3: the Seq and
+%% the journal instance's epoch.
+-opaque token() :: {reference(), seq()}.
+-export_type([token/0]).
 -type opts() :: #{dir := file:filename_all(),
                   max_entries => pos_integer(),
+                  max_user_entries => pos_integer(),
                   %% Records in the file that make it rewritten (tests).
                   compact_records => pos_integer(),
                   apply := {module(), atom(), list()}}.
@@ -80,20 +87,31 @@
          file :: string(),
          apply :: {module(), atom(), list()},
          max_entries :: pos_integer(),
+         max_user_entries :: pos_integer(),
          compact_records :: pos_integer(),
+         %% Tokens of another instance (before a restart) name nothing here.
+         epoch :: reference(),
          next_seq = 1 :: seq(),
          %% Seq => {User, Op, Args, Attempts}
          entries = #{} :: #{seq() => {binary(), binary(), map(), non_neg_integer()}},
          %% User => its entries' Seq, the head first (a few: a list)
          queues = #{} :: #{binary() => [seq()]},
          %% Entries appended by the process running their user's head, while
-         %% it ran: Seq => the head's Seq (see append/4)
+         %% it ran: Seq => the head's Seq (see append/5)
          nested = #{} :: #{seq() => seq()},
          %% User => what its head entry is doing (absent: waiting to be run)
-         heads = #{} :: #{binary() => {caller, pid(), reference()}
-                                     | {running, pid(), reference()}
+         heads = #{} :: #{binary() => {caller, pid(), reference(), reference()}
+                                     | {running, pid()}
                                      | {retry_at, integer()}},
-         running = 0 :: non_neg_integer(),
+         %% Who to find by what: a caller's monitor, a caller's append ref, a
+         %% run's pid => the user.
+         by_monitor = #{} :: #{reference() => binary()},
+         by_ref = #{} :: #{reference() => binary()},
+         runs = #{} :: #{pid() => binary()},
+         %% Users whose head waits to be run, oldest first (a user may be in
+         %% it twice: checked when taken), and those waiting for a retry.
+         ready = queue:new() :: queue:queue(binary()),
+         retries = gb_sets:empty() :: gb_sets:set({integer(), binary()}),
          records = 0 :: non_neg_integer(),
          dropped = 0 :: non_neg_integer(),
          %% Entries journalled for later not logged yet, the last of them, and
@@ -123,28 +141,38 @@ start_link(Host, Opts) ->
     gen_server:start_link({local, name(Host)}, ?MODULE, {Host, Opts}, []).
 
 %% @doc Appends a subscription presence of User (a bare JID) for Op with
-%% Args (a request of the program, "user" included), durably.
-%% {run, Seq}: the caller runs it now and must say done/2 or failed/3;
-%% queued: an earlier entry of User is not carried out yet, the journal will
-%% run this one after it; {error, full | no_journal}: not kept.
--spec append(binary(), binary(), binary(), map()) ->
-          {run, seq()} | queued | {error, full | no_journal}.
-append(Host, User, Op, Args) ->
-    try gen_server:call(name(Host), {append, User, Op, Args}, ?APPEND_TIMEOUT_MS)
-    catch exit:_ -> {error, no_journal}
+%% Args (a request of the program, "user" included), durably, waiting at
+%% most Timeout ms for the journal. {run, Token}: the caller runs it now and
+%% must say done/2 or failed/3 with Token; queued: the journal will run it
+%% (an earlier entry of User is not carried out yet, or the journal was too
+%% slow to answer: the caller must neither route nor deliver it);
+%% {error, full}: not kept, refuse it; {error, no_journal}: no journal runs.
+-spec append(binary(), binary(), binary(), map(), timeout()) ->
+          {run, token()} | queued | {error, full | no_journal}.
+append(Host, User, Op, Args, Timeout) ->
+    Ref = make_ref(),
+    try gen_server:call(name(Host), {append, Ref, User, Op, Args}, max(1, Timeout))
+    catch
+        exit:{timeout, _} ->
+            %% Appended or about to be: this cast comes after the append
+            %% (same sender), and gives the entry to the journal to run.
+            gen_server:cast(name(Host), {abandoned, Ref}),
+            queued;
+        exit:_ ->
+            {error, no_journal}
     end.
 
 %% @doc The entry run by its caller is carried out (or refused for good by
 %% the program: nothing more can be done with it).
--spec done(binary(), seq()) -> ok.
-done(Host, Seq) ->
-    gen_server:cast(name(Host), {done, Seq}).
+-spec done(binary(), token()) -> ok.
+done(Host, Token) ->
+    gen_server:cast(name(Host), {done, Token}).
 
 %% @doc The entry run by its caller failed with Error (a roster_port_call
-%% error); the journal retries it.
--spec failed(binary(), seq(), term()) -> ok.
-failed(Host, Seq, Error) ->
-    gen_server:cast(name(Host), {failed, Seq, Error}).
+%% error); the journal retries it if Error may heal.
+-spec failed(binary(), token(), term()) -> ok.
+failed(Host, Token, Error) ->
+    gen_server:cast(name(Host), {failed, Token, Error}).
 
 -spec status(binary()) -> undefined | map().
 status(Host) ->
@@ -179,14 +207,17 @@ init({Host, #{dir := Dir, apply := Apply} = Opts}) ->
     case open_log(log_name(Host), File) of
         {ok, Log} ->
             State0 = #state{host = Host, log = Log, file = File, apply = Apply,
+                            epoch = make_ref(),
                             max_entries = maps:get(max_entries, Opts, 100000),
+                            max_user_entries = maps:get(max_user_entries, Opts,
+                                                        ?MAX_USER_ENTRIES),
                             compact_records = maps:get(compact_records, Opts,
                                                        ?COMPACT_RECORDS)},
             State = recover(State0),
             case maps:size(State#state.entries) of
                 0 -> ok;
                 N -> ?LOG_WARNING("roster-port ~ts: the journal holds ~B subscription "
-                                  "presences not carried out before ejabberd stopped; "
+                                  "presences not carried out before it stopped; "
                                   "carrying them out now", [Host, N])
             end,
             {ok, kick(State)};
@@ -196,34 +227,90 @@ init({Host, #{dir := Dir, apply := Apply} = Opts}) ->
             {stop, {journal, File, Reason}}
     end.
 
-handle_call({append, _User, _Op, _Args}, _From,
-            #state{entries = Entries, max_entries = Max} = State)
+handle_call({append, _Ref, User, _Op, _Args}, _From,
+            #state{entries = Entries, max_entries = Max, max_user_entries = UserMax} = State)
   when map_size(Entries) >= Max ->
-    State1 = State#state{dropped = State#state.dropped + 1},
-    ?LOG_ERROR("roster-port ~ts: the journal holds its maximum of ~B subscription "
-               "presences; refused a new one", [State#state.host, Max]),
-    {reply, {error, full}, State1};
-handle_call({append, User, Op, Args}, {Caller, _}, #state{next_seq = Seq} = State) ->
-    case write(State, {e, Seq, User, Op, Args}, sync) of
+    {reply, {error, full}, refused(User, Max, UserMax, State)};
+handle_call({append, Ref, User, Op, Args}, {Caller, _}, #state{next_seq = Seq} = State) ->
+    Queue = maps:get(User, State#state.queues, []),
+    Nested = case {Queue, maps:get(User, State#state.heads, idle)} of
+                 {[Head | _], {caller, Caller, _, _}} -> Head;
+                 {[Head | _], {running, Caller}} -> Head;
+                 _ -> undefined
+             end,
+    UserMax = State#state.max_user_entries,
+    case length(Queue) >= UserMax andalso Nested == undefined of
+        true ->
+            {reply, {error, full}, refused(User, State#state.max_entries, UserMax, State)};
+        false ->
+            append1(Ref, User, Op, Args, Caller, Seq, Queue, Nested, State)
+    end;
+handle_call(status, _From, State) ->
+    {reply, #{pending => maps:size(State#state.entries),
+              users => maps:size(State#state.queues),
+              running => maps:size(State#state.runs),
+              retrying => gb_sets:size(State#state.retries),
+              dropped => State#state.dropped,
+              file => State#state.file}, State};
+handle_call(_Request, _From, State) ->
+    {reply, {error, badarg}, State}.
+
+handle_cast({done, {Epoch, Seq}}, #state{epoch = Epoch} = State) ->
+    {noreply, kick(caller_ended(Seq, done, State))};
+handle_cast({failed, {Epoch, Seq}, Error}, #state{epoch = Epoch} = State) ->
+    {noreply, kick(caller_ended(Seq, {failed, Error}, State))};
+handle_cast({abandoned, Ref}, State) ->
+    {noreply, kick(abandoned(Ref, State))};
+handle_cast(_Msg, State) ->
+    %% done/failed of another instance: whatever it was is read from the
+    %% file again and run by this one.
+    {noreply, State}.
+
+handle_info({'DOWN', MRef, process, _Pid, _Reason}, State) ->
+    {noreply, kick(caller_down(MRef, State))};
+handle_info({'EXIT', Pid, Reason}, State) ->
+    {noreply, kick(run_ended(Pid, Reason, State))};
+handle_info(tick, State) ->
+    {noreply, kick(log_journalled(due_retries(State#state{tick = undefined})))};
+handle_info(_Info, State) ->
+    {noreply, State}.
+
+terminate(_Reason, #state{log = Log, runs = Runs}) ->
+    %% Runs are linked: they end with the journal, so that the next one
+    %% never runs an entry twice at once.
+    _ = [exit(Pid, kill) || Pid <- maps:keys(Runs)],
+    _ = disk_log:close(Log),
+    ok.
+
+%%%===================================================================
+%%% Appending
+%%%===================================================================
+
+append1(Ref, User, Op, Args, Caller, Seq, Queue, Nested, State) ->
+    case write(State, {e, Seq, User, Op, Args, Nested}, sync) of
         {ok, State1} ->
-            Queue = maps:get(User, State1#state.queues, []),
             State2 = State1#state{next_seq = Seq + 1,
                                   entries = (State1#state.entries)#{Seq => {User, Op, Args, 0}}},
             Queues = State2#state.queues,
-            case {Queue, maps:get(User, State2#state.heads, idle)} of
+            Token = {State#state.epoch, Seq},
+            case {Queue, Nested} of
                 {[], _} ->
-                    Heads = (State2#state.heads)#{User => {caller, Caller,
-                                                           monitor(process, Caller)}},
-                    {reply, {run, Seq}, State2#state{heads = Heads, queues = Queues#{User => [Seq]}}};
-                {[Head | Rest], {Kind, Caller, _}} when Kind == caller; Kind == running ->
+                    MRef = monitor(process, Caller),
+                    {reply, {run, Token},
+                     State2#state{heads = (State2#state.heads)#{User => {caller, Caller, MRef, Ref}},
+                                  by_monitor = (State2#state.by_monitor)#{MRef => User},
+                                  by_ref = (State2#state.by_ref)#{Ref => User},
+                                  queues = Queues#{User => [Seq]}}};
+                {[Head | Rest], Head} ->
                     %% Appended by the process running User's head, while it
                     %% runs: caused by it (an automatic answer to the presence
-                    %% it routed), so it comes right after it, before User's
-                    %% later entries, and that process runs it now.
+                    %% it routed), so it comes right after it (and the entries
+                    %% so caused before it), before User's later entries, and
+                    %% that process runs it now.
                     {Before, After} = lists:splitwith(
                                         fun(S) -> maps:get(S, State2#state.nested, 0) == Head end,
                                         Rest),
-                    {reply, {run, Seq},
+                    {reply, {run, Token},
                      State2#state{queues = Queues#{User => [Head | Before ++ [Seq | After]]},
                                   nested = (State2#state.nested)#{Seq => Head}}};
                 _ ->
@@ -233,78 +320,81 @@ handle_call({append, User, Op, Args}, {Caller, _}, #state{next_seq = Seq} = Stat
             ?LOG_ERROR("roster-port ~ts: cannot write to the journal ~ts: ~p",
                        [State#state.host, State#state.file, Reason]),
             {reply, {error, no_journal}, State}
-    end;
-handle_call(status, _From, State) ->
-    Retrying = length([x || {retry_at, _} <- maps:values(State#state.heads)]),
-    {reply, #{pending => maps:size(State#state.entries),
-              users => maps:size(State#state.queues),
-              running => State#state.running,
-              retrying => Retrying,
-              dropped => State#state.dropped,
-              file => State#state.file}, State};
-handle_call(_Request, _From, State) ->
-    {reply, {error, badarg}, State}.
+    end.
 
-handle_cast({done, Seq}, State) ->
-    {noreply, kick(caller_ended(Seq, done, State))};
-handle_cast({failed, Seq, Error}, State) ->
-    {noreply, kick(caller_ended(Seq, {failed, Error}, State))};
-handle_cast(_Msg, State) ->
-    {noreply, State}.
-
-handle_info({'DOWN', MRef, process, Pid, Reason}, State) ->
-    {noreply, kick(process_down(MRef, Pid, Reason, State))};
-handle_info(tick, State) ->
-    {noreply, kick(log_journalled(State#state{tick = undefined}))};
-handle_info(_Info, State) ->
-    {noreply, State}.
-
-terminate(_Reason, #state{log = Log}) ->
-    _ = disk_log:close(Log),
-    ok.
+refused(User, Max, UserMax, State) ->
+    ?LOG_ERROR("roster-port ~ts: the journal holds its maximum of subscription presences "
+               "(~B in all, ~B for one user); refused one for ~ts",
+               [State#state.host, Max, UserMax, User]),
+    State#state{dropped = State#state.dropped + 1}.
 
 %%%===================================================================
 %%% Carrying entries out
 %%%===================================================================
 
-%% The caller of append/4 that got {run, Seq} has ended it.
+%% The caller of append/5 that got {run, Token} has ended it.
 caller_ended(Seq, Outcome, State) ->
     case maps:find(Seq, State#state.entries) of
         {ok, {User, _, _, _}} ->
-            case {maps:find(User, State#state.heads), maps:get(User, State#state.queues)} of
-                {{ok, {caller, _, MRef}}, [Seq | _]} -> demonitor(MRef, [flush]);
-                _ -> ok
-            end,
-            ended(User, Seq, Outcome, State);
+            State1 = case {maps:find(User, State#state.heads), maps:get(User, State#state.queues)} of
+                         {{ok, {caller, _, MRef, Ref}}, [Seq | _]} -> forget_caller(MRef, Ref, State);
+                         _ -> State
+                     end,
+            ended(User, Seq, Outcome, State1);
         error ->
             State
     end.
 
-process_down(MRef, Pid, Reason, State) ->
-    case [{U, H} || {U, H} <- maps:to_list(State#state.heads),
-                    H == {caller, Pid, MRef} orelse H == {running, Pid, MRef}] of
-        [{User, Head}] ->
+forget_caller(MRef, Ref, State) ->
+    demonitor(MRef, [flush]),
+    State#state{by_monitor = maps:remove(MRef, State#state.by_monitor),
+                by_ref = maps:remove(Ref, State#state.by_ref)}.
+
+%% The caller of a user's head died before it said how its run ended: run
+%% it again.
+caller_down(MRef, State) ->
+    case maps:find(MRef, State#state.by_monitor) of
+        {ok, User} ->
+            {caller, _, MRef, Ref} = maps:get(User, State#state.heads),
             [Seq | _] = maps:get(User, State#state.queues),
-            case Head of
-                {running, _, _} ->
-                    Outcome = case Reason of
-                                  {shutdown, {ran, Result}} -> Result;
-                                  _ -> {crashed, Reason}
-                              end,
-                    ended(User, Seq, Outcome, State#state{running = State#state.running - 1});
-                {caller, _, _} ->
-                    %% The caller died before it could say: run it again.
-                    ended(User, Seq, {retry, caller_died}, State)
-            end;
-        [] ->
+            ended(User, Seq, {retry, caller_died}, forget_caller(MRef, Ref, State));
+        error ->
             State
     end.
 
-%% The head entry Seq of User has ended with Outcome (what the caller said,
-%% or what the `apply` function returned: ok | {retry, Why} | {dropped,
-%% Why}): carried out, to be retried, or refused for good.
+%% The caller gave up waiting for append/5: if the entry became its user's
+%% head (the caller's to run), the journal runs it instead.
+abandoned(Ref, State) ->
+    case maps:find(Ref, State#state.by_ref) of
+        {ok, User} ->
+            {caller, _, MRef, Ref} = maps:get(User, State#state.heads),
+            State1 = forget_caller(MRef, Ref, State),
+            ready(User, State1#state{heads = maps:remove(User, State1#state.heads)});
+        error ->
+            State
+    end.
+
+run_ended(Pid, Reason, State) ->
+    case maps:take(Pid, State#state.runs) of
+        {User, Runs} ->
+            [Seq | _] = maps:get(User, State#state.queues),
+            Outcome = case Reason of
+                          {shutdown, {ran, Result}} -> Result;
+                          _ -> {crashed, Reason}
+                      end,
+            ended(User, Seq, Outcome, State#state{runs = Runs,
+                                                  heads = maps:remove(User, State#state.heads)});
+        error ->
+            State
+    end.
+
+%% The entry Seq of User (its head, or one nested in the head's run) has
+%% ended with Outcome (what the caller said, or what the `apply` function
+%% returned: ok | {retry, Why} | {dropped, Why}): carried out, to be retried,
+%% or refused for good.
 ended(User, Seq, Outcome, State) ->
     {_, Op, Args, Attempts} = maps:get(Seq, State#state.entries),
+    IsHead = hd(maps:get(User, State#state.queues)) == Seq,
     case outcome(Outcome) of
         done when Attempts > 0 ->
             ?LOG_INFO("roster-port ~ts: ~ts for ~ts (~ts ~ts) carried out after ~B attempts",
@@ -323,11 +413,13 @@ ended(User, Seq, Outcome, State) ->
                          0 -> log_journalled({Op, User, Args, Why}, State);
                          _ -> State
                      end,
-            case maps:get(User, State1#state.queues) of
-                [Seq | _] ->
-                    Heads = (State1#state.heads)#{User => {retry_at, now_ms() + Delay}},
-                    State1#state{entries = Entries, heads = Heads};
-                _ ->
+            case IsHead of
+                true ->
+                    At = now_ms() + Delay,
+                    State1#state{entries = Entries,
+                                 heads = (State1#state.heads)#{User => {retry_at, At}},
+                                 retries = gb_sets:add({At, User}, State1#state.retries)};
+                false ->
                     %% A nested entry: run again once its head is done.
                     State1#state{entries = Entries}
             end;
@@ -376,64 +468,100 @@ outcome({dropped, Why}) -> {dropped, Why};
 outcome({crashed, _}) -> {retry, crashed};
 outcome(_) -> {retry, crashed}.
 
-%% The entry is carried out: off the user's queue; the next one, if any,
-%% waits for kick/1.
+%% The entry is carried out: off the user's queue; the user's next entry,
+%% if the head went, is ready to run.
 forget(User, Seq, State) ->
     State1 = case write(State, {d, Seq}, nosync) of
                  {ok, S} -> S;
                  {error, _} -> State
              end,
-    Heads = case maps:get(User, State1#state.queues) of
-                [Seq | _] -> maps:remove(User, State1#state.heads);
-                _ -> State1#state.heads    % a nested one, done before its head
-            end,
-    Queues = case lists:delete(Seq, maps:get(User, State1#state.queues)) of
-                 [] -> maps:remove(User, State1#state.queues);
-                 Queue -> (State1#state.queues)#{User => Queue}
-             end,
+    [Head | _] = Queue0 = maps:get(User, State1#state.queues),
+    Queue = lists:delete(Seq, Queue0),
     %% Once its head is done, a nested entry left is an ordinary one.
-    Nested = maps:filter(fun(_, Head) -> Head /= Seq end,
-                         maps:remove(Seq, State1#state.nested)),
-    compact(State1#state{entries = maps:remove(Seq, State1#state.entries), heads = Heads,
-                         queues = Queues, nested = Nested}).
+    Nested = case Head of
+                 Seq -> maps:filter(fun(_, H) -> H /= Seq end, State1#state.nested);
+                 _ -> State1#state.nested
+             end,
+    State2 = State1#state{entries = maps:remove(Seq, State1#state.entries),
+                          nested = maps:remove(Seq, Nested)},
+    State3 = case {Queue, Head} of
+                 {[], _} ->
+                     State2#state{queues = maps:remove(User, State2#state.queues),
+                                  heads = maps:remove(User, State2#state.heads)};
+                 {_, Seq} ->
+                     ready(User, State2#state{queues = (State2#state.queues)#{User => Queue},
+                                              heads = maps:remove(User, State2#state.heads)});
+                 _ ->
+                     %% A nested one, done before its head.
+                     State2#state{queues = (State2#state.queues)#{User => Queue}}
+             end,
+    compact(State3).
 
-%% Starts runs for the users whose head entry waits (never run, or due for
-%% a retry), at most MAX_RUNNING at a time, and keeps a tick while any waits.
-kick(State0) ->
+ready(User, State) ->
+    State#state{ready = queue:in(User, State#state.ready)}.
+
+%% Heads whose retry is due are ready to run.
+due_retries(State) ->
     Now = now_ms(),
-    Waiting = [{User, Head} || User <- maps:keys(State0#state.queues),
-                               Head <- [maps:get(User, State0#state.heads, idle)],
-                               Head == idle orelse element(1, Head) == retry_at],
-    State = lists:foldl(
-              fun({User, Head}, S) when S#state.running < ?MAX_RUNNING ->
-                      case Head of
-                          {retry_at, At} when At > Now -> S;
-                          _ -> run(User, S)
-                      end;
-                 (_, S) ->
-                      S
-              end, State0, Waiting),
-    Left = [x || {User, _} <- Waiting,
-                 case maps:get(User, State#state.heads, idle) of
-                     {running, _, _} -> false;
-                     _ -> true
-                 end],
-    case {Left, State#state.tick} of
-        {[], _} -> State;
-        {_, undefined} -> State#state{tick = erlang:send_after(?TICK_MS, self(), tick)};
-        _ -> State
+    case gb_sets:is_empty(State#state.retries) of
+        true ->
+            State;
+        false ->
+            case gb_sets:take_smallest(State#state.retries) of
+                {{At, User}, Retries} when At =< Now ->
+                    State1 = State#state{retries = Retries},
+                    due_retries(case maps:get(User, State1#state.heads, idle) of
+                                    {retry_at, At} ->
+                                        ready(User, State1#state{
+                                                      heads = maps:remove(User, State1#state.heads)});
+                                    _ ->
+                                        State1
+                                end);
+                _ ->
+                    State
+            end
+    end.
+
+%% Starts runs for the users ready, at most MAX_RUNNING at a time, and keeps
+%% a timer for the next retry due.
+kick(State0) ->
+    State = start_runs(due_retries(State0)),
+    case {gb_sets:is_empty(State#state.retries), State#state.tick} of
+        {false, undefined} ->
+            {At, _} = gb_sets:smallest(State#state.retries),
+            Wait = max(?TICK_MS, At - now_ms()),
+            State#state{tick = erlang:send_after(Wait, self(), tick)};
+        {true, undefined} when State#state.journalled > 0 ->
+            %% To log the count left (log_journalled/1).
+            State#state{tick = erlang:send_after(?LOG_MS, self(), tick)};
+        _ ->
+            State
+    end.
+
+start_runs(#state{runs = Runs} = State) when map_size(Runs) >= ?MAX_RUNNING ->
+    State;
+start_runs(State) ->
+    case queue:out(State#state.ready) of
+        {empty, _} ->
+            State;
+        {{value, User}, Ready} ->
+            State1 = State#state{ready = Ready},
+            case {maps:find(User, State1#state.queues), maps:is_key(User, State1#state.heads)} of
+                {{ok, [_ | _]}, false} -> start_runs(run(User, State1));
+                _ -> start_runs(State1)
+            end
     end.
 
 run(User, #state{apply = {M, F, A}} = State) ->
     [Seq | _] = maps:get(User, State#state.queues),
     {User, Op, Args, _} = maps:get(Seq, State#state.entries),
-    {Pid, MRef} = spawn_monitor(
-                    fun() ->
-                            Result = apply(M, F, A ++ [Op, Args]),
-                            exit({shutdown, {ran, Result}})
-                    end),
-    State#state{heads = (State#state.heads)#{User => {running, Pid, MRef}},
-                running = State#state.running + 1}.
+    Pid = proc_lib:spawn_link(
+            fun() ->
+                    Result = apply(M, F, A ++ [Op, Args]),
+                    exit({shutdown, {ran, Result}})
+            end),
+    State#state{heads = (State#state.heads)#{User => {running, Pid}},
+                runs = (State#state.runs)#{Pid => User}}.
 
 %%%===================================================================
 %%% The file
@@ -468,46 +596,54 @@ write(#state{log = Log} = State, Record, Sync) ->
             Error
     end.
 
-%% Rebuilds the entries not carried out from the records of the file.
+%% Rebuilds the entries not carried out from the records of the file, each
+%% user's in their order: by Seq, but an entry nested in a head that is
+%% still held right after it (append/5).
 recover(#state{log = Log} = State) ->
-    {Entries, Done, MaxSeq, Records} = read_all(Log, start, #{}, #{}, 0, 0),
+    {Entries, Done, Parents, MaxSeq, Records} = read_all(Log, start, {#{}, #{}, #{}, 0, 0}),
     Live = maps:without(maps:keys(Done), Entries),
+    Nested = maps:filter(fun(Seq, Parent) -> maps:is_key(Seq, Live) andalso maps:is_key(Parent, Live) end,
+                         Parents),
     Queues = lists:foldl(
-               fun({Seq, {User, _, _, _}}, Q) ->
-                       maps:update_with(User, fun(Queue) -> Queue ++ [Seq] end, [Seq], Q)
+               fun({Seq, _}, Q) when is_map_key(Seq, Nested) ->
+                       Q;
+                  ({Seq, {User, _, _, _}}, Q) ->
+                       Children = lists:sort([C || {C, P} <- maps:to_list(Nested), P == Seq]),
+                       maps:update_with(User, fun(Queue) -> Queue ++ [Seq | Children] end,
+                                        [Seq | Children], Q)
                end, #{}, lists:sort(maps:to_list(Live))),
-    compact(State#state{entries = Live, queues = Queues, next_seq = MaxSeq + 1,
-                        records = Records}).
+    State1 = State#state{entries = Live, queues = Queues, nested = Nested,
+                         next_seq = MaxSeq + 1, records = Records},
+    compact(lists:foldl(fun ready/2, State1, maps:keys(Queues))).
 
-read_all(Log, Cont, Entries, Done, MaxSeq, N) ->
+read_all(Log, Cont, Acc) ->
     case disk_log:chunk(Log, Cont) of
         eof ->
-            {Entries, Done, MaxSeq, N};
+            Acc;
         {error, Reason} ->
             ?LOG_ERROR("roster-port: reading the journal failed: ~p; the rest is lost",
                        [Reason]),
-            {Entries, Done, MaxSeq, N};
+            Acc;
         {Cont1, Terms} ->
-            read_all1(Log, Cont1, Terms, Entries, Done, MaxSeq, N);
+            read_all(Log, Cont1, lists:foldl(fun read_record/2, Acc, Terms));
         {Cont1, Terms, _BadBytes} ->
-            read_all1(Log, Cont1, Terms, Entries, Done, MaxSeq, N)
+            read_all(Log, Cont1, lists:foldl(fun read_record/2, Acc, Terms))
     end.
 
-read_all1(Log, Cont, Terms, Entries0, Done0, Max0, N0) ->
-    {Entries, Done, Max, N} =
-        lists:foldl(
-          fun({e, Seq, User, Op, Args}, {E, D, M, C}) ->
-                  {E#{Seq => {User, Op, Args, 0}}, D, max(M, Seq), C + 1};
-             ({d, Seq}, {E, D, M, C}) ->
-                  {E, D#{Seq => true}, M, C + 1};
-             (_, Acc) ->
-                  Acc
-          end, {Entries0, Done0, Max0, N0}, Terms),
-    read_all(Log, Cont, Entries, Done, Max, N).
+read_record({e, Seq, User, Op, Args, Parent}, {E, D, P, M, C}) ->
+    P1 = case Parent of
+             undefined -> P;
+             _ -> P#{Seq => Parent}
+         end,
+    {E#{Seq => {User, Op, Args, 0}}, D, P1, max(M, Seq), C + 1};
+read_record({d, Seq}, {E, D, P, M, C}) ->
+    {E, D#{Seq => true}, P, M, C + 1};
+read_record(_, Acc) ->
+    Acc.
 
-%% An empty journal is truncated; one with many records rewritten with its
-%% live entries only (into a copy renamed over it: a crash leaves one whole
-%% file or the other).
+%% An empty journal is truncated; one with many more records than live
+%% entries rewritten with its live entries only (into a copy renamed over
+%% it: a crash leaves one whole file or the other).
 compact(#state{entries = Entries, log = Log} = State) when map_size(Entries) == 0 ->
     case State#state.records of
         0 -> State;
@@ -517,17 +653,19 @@ compact(#state{entries = Entries, log = Log} = State) when map_size(Entries) == 
                 {error, _} -> State
             end
     end;
-compact(#state{records = Records, compact_records = Max} = State) when Records < Max ->
+compact(#state{records = Records, compact_records = Max, entries = Entries} = State)
+  when Records < Max; Records < 2 * map_size(Entries) ->
     State;
 compact(#state{log = Log, file = File, host = Host, entries = Entries} = State) ->
     Copy = File ++ ".compact",
     CopyName = {?MODULE, compact, Host},
+    _ = file:delete(Copy),
+    Records = [{e, Seq, User, Op, Args, maps:get(Seq, State#state.nested, undefined)}
+               || {Seq, {User, Op, Args, _}} <- lists:sort(maps:to_list(Entries))],
     Result =
         try
             {ok, CopyLog} = open_log(CopyName, Copy),
-            lists:foreach(fun({Seq, {User, Op, Args, _}}) ->
-                                  ok = disk_log:log(CopyLog, {e, Seq, User, Op, Args})
-                          end, lists:sort(maps:to_list(Entries))),
+            ok = disk_log:log_terms(CopyLog, Records),
             ok = disk_log:sync(CopyLog),
             ok = disk_log:close(CopyLog),
             ok = disk_log:close(Log),
@@ -538,14 +676,15 @@ compact(#state{log = Log, file = File, host = Host, entries = Entries} = State) 
         end,
     case Result of
         {ok, Log1} ->
-            State#state{log = Log1, records = maps:size(Entries)};
+            State#state{log = Log1, records = length(Records)};
         {error, Why} ->
             ?LOG_ERROR("roster-port ~ts: compacting the journal ~ts failed: ~p",
                        [Host, File, Why]),
             %% Reopened as it was, whichever step failed.
             _ = disk_log:close(CopyName),
+            _ = file:delete(Copy),
             case open_log(log_name(Host), File) of
-                {ok, Log2} -> State#state{log = Log2, records = 0};
+                {ok, Log2} -> State#state{log = Log2};
                 _ -> State
             end
     end.

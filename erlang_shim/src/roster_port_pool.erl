@@ -18,7 +18,7 @@
 %%% handler that carries out effects which arrive without a caller.
 -module(roster_port_pool).
 
--export([start/2, stop/1, call/4, call/5, capabilities/1, worker_names/1,
+-export([start/2, stop/1, call/4, call/5, sync_runner/2, capabilities/1, worker_names/1,
          set_capabilities/2, settings/1, cache/1]).
 %% A pool that replaces another (mod_roster_port's reload).
 -export([prepare/2, start_link/2, use/2, all_up/1, in_flight/1]).
@@ -166,6 +166,23 @@ call(Host, User, Op, Args) ->
     call(Host, User, Op, Args, #{}).
 
 -spec call(binary(), binary(), binary(), map(), map()) -> call_result().
+%% @doc Returns once the runner of the worker that serves User has carried
+%% out every event given to it before (at most call_timeout).
+-spec sync_runner(binary(), binary()) -> ok | timeout | unavailable.
+sync_runner(Host, User) ->
+    case settings(Host) of
+        #{names := Names, call_timeout := Timeout} ->
+            Name = element(erlang:phash2(User, tuple_size(Names)) + 1, Names),
+            try gen_server:call(Name, runner, Timeout) of
+                Runner when is_pid(Runner) -> roster_port_effects:sync(Runner, Timeout);
+                _ -> unavailable
+            catch exit:_ ->
+                    unavailable
+            end;
+        _ ->
+            unavailable
+    end.
+
 call(Host, User, Op, Args, CallOpts) ->
     case settings(Host) of
         undefined ->

@@ -129,6 +129,9 @@
          %% Whether a program is coming (module doc), and when the next start
          %% is due while status is down.
          coming = true :: boolean(),
+         %% Programs that failed before their hello since the last one that
+         %% answered it.
+         early_failures = 0 :: non_neg_integer(),
          restart_at = 0 :: integer(),
          %% Programs started by this worker (status/0: tests, diagnosis).
          starts = 0 :: non_neg_integer(),
@@ -206,6 +209,11 @@ handle_call({request, Op, Args, Deadline}, From, #state{status = up} = State) ->
     case send_request({caller, From}, Op, Args, Deadline, State) of
         {ok, State1} ->
             {noreply, watch_stdin(State1)};
+        {error, unavailable} when State#state.waiting_len < ?MAX_WAITING ->
+            %% The program has just exited (its port is closed; the exit is on
+            %% its way): nothing was written, so the request waits for the next
+            %% program, as any request does while one is coming.
+            {noreply, wait({{caller, From}, Op, Args, Deadline}, State)};
         {error, Reason} ->
             {reply, {error, Reason}, State}
     end;
@@ -218,6 +226,8 @@ handle_call({request, Op, Args, Deadline}, From, State) ->
         false ->
             {reply, {error, unavailable}, State}
     end;
+handle_call(runner, _From, State) ->
+    {reply, State#state.runner, State};
 handle_call(status, _From, State) ->
     {reply, #{status => State#state.status, os_pid => State#state.os_pid,
               starts => State#state.starts,
@@ -358,6 +368,11 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
     cancel_ping(State),
     Now = now_ms(),
     Served = State#state.status == up,
+    %% Whether the next program is worth waiting for: this one served, or
+    %% it is the first since one that served to fail before its hello (a
+    %% kill that lands while the replacement starts); two in a row is a
+    %% crash loop.
+    Coming = Served orelse (State#state.coming andalso State#state.early_failures == 0),
     %% A program that served gets a fresh start; one that fails before its
     %% hello or at once is retried less and less often.
     Backoff = case Why of
@@ -368,18 +383,18 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
                   _ -> State#state.backoff
               end,
     RestartAt = Now + Backoff,
-    %% Nothing waits unless a program served: one that failed before hello
-    %% says nothing good of the next. A read is sent again once only: one
-    %% that kills every program it reaches must not take more down.
+    %% Nothing waits unless a program is coming (above). A read is sent
+    %% again once only: one that kills every program it reaches must not
+    %% take more down.
     {Requeue, Fail} =
         lists:partition(fun({_, {{caller, _}, Op, Args, Deadline}}) ->
-                                Served andalso Deadline > RestartAt
+                                Coming andalso Deadline > RestartAt
                                     andalso not roster_port_cache:writes(Op, Args);
                            (_) ->
                                 false
                         end, lists:sort(maps:to_list(State#state.pending))),
     fail_callers(State#state{pending = maps:from_list(Fail)}),
-    State1 = case Served of
+    State1 = case Coming of
                  true ->
                      Reads = queue:from_list([{{resent, From}, Op, Args, Deadline}
                                               || {_, {{caller, From}, Op, Args, Deadline}}
@@ -394,7 +409,11 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
     erlang:send_after(Backoff, self(), start_program),
     forget_late(State1#state{status = down, port = undefined, os_pid = undefined,
                              frames = undefined, pending = #{}, ping_timer = undefined,
-                             feed_check = false, coming = Served, restart_at = RestartAt,
+                             feed_check = false, coming = Coming, restart_at = RestartAt,
+                             early_failures = case Served of
+                                                  true -> 0;
+                                                  false -> State#state.early_failures + 1
+                                              end,
                              backoff = min(Backoff * 2, State#state.max_backoff)}).
 
 %% Late requests of a program that is gone will never be answered, and ids

@@ -19,8 +19,10 @@ Answered at once by the reading loop:
                        the hello MS ms after reading it (a slow start),
                        "--hello-gate PATH" only once the file PATH exists
                        (a start that lasts until the test says),
-                       "--exit-at-hello" exits with status 1 instead (a
-                       program that never comes up)
+                       "--hello-ticket PATH" only once it has taken (deleted)
+                       the file PATH, so that each file the test writes lets
+                       one program through, "--exit-at-hello" exits with
+                       status 1 instead (a program that never comes up)
   hello_args           result {"effects": [], "hello": the hello's args}
   seen                 result {"effects": [], "seen": [[op, timeout_ms]] of
                        every request read so far}
@@ -44,6 +46,9 @@ Run in the user's thread:
   notify               sends a roster_changed notification, then answers
   dribble              answers like echo, one byte per write, so the answer
                        reaches the shim split across many reads
+Any of these whose args have "hold" (a path) waits, once its turn has come,
+for as long as that file exists (at most 30 s), then runs: a request that
+lasts until the test says, and holds its user's next requests meanwhile.
 argv "--tag WORD" is ignored: a test finds its own programs by it in
 /proc/*/cmdline.
 """
@@ -66,6 +71,7 @@ refuse = "--refuse" in args
 hello_delay = int(args[args.index("--hello-delay") + 1]) if "--hello-delay" in args else 0
 exit_at_hello = "--exit-at-hello" in args
 hello_gate = args[args.index("--hello-gate") + 1] if "--hello-gate" in args else None
+hello_ticket = args[args.index("--hello-ticket") + 1] if "--hello-ticket" in args else None
 hello_args = {}
 seen = []
 order = []
@@ -108,6 +114,8 @@ def serve_inline(msgid, op, a):
             if time.monotonic() > gate_until:
                 os._exit(1)
             time.sleep(0.005)
+        if hello_ticket:
+            take_ticket(hello_ticket)
         if exit_at_hello:
             os._exit(1)
         if refuse:
@@ -145,6 +153,25 @@ def serve_inline(msgid, op, a):
     return True
 
 
+def take_ticket(path):
+    until = time.monotonic() + 10  # never left behind by a test that failed
+    while True:
+        try:
+            os.remove(path)  # one program only takes a given file
+            return
+        except FileNotFoundError:
+            if time.monotonic() > until:
+                os._exit(1)
+            time.sleep(0.005)
+
+
+def hold(a):
+    path = a.get("hold")
+    until = time.monotonic() + 30  # never left behind by a test that failed
+    while path and os.path.exists(path) and time.monotonic() < until:
+        time.sleep(0.005)
+
+
 def serve_queued(msgid, op, a):
     if op == "echo":
         answer(msgid, {"effects": [], "args": a, "pid": os.getpid()})
@@ -180,6 +207,7 @@ def user_loop(requests):
             else:
                 count("running", 1)
                 try:
+                    hold(a)
                     serve_queued(msgid, op, a)
                 finally:
                     count("running", -1)

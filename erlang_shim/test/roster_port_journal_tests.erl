@@ -53,7 +53,7 @@ with_journal(Test) ->
 %% head entry, would have its own appends for that user run at once).
 append_elsewhere(User, Args) ->
     Self = self(),
-    spawn(fun() -> Self ! {appended, roster_port_journal:append(?HOST, User, ?OP, Args)} end),
+    spawn(fun() -> Self ! {appended, roster_port_journal:append(?HOST, User, ?OP, Args, 5000)} end),
     receive {appended, Result} -> Result after 5000 -> error(no_append) end.
 
 %% Runs of a journal stopped by an earlier test that failed.
@@ -96,12 +96,15 @@ journal_test_() ->
               fun entries_survive_a_restart_in_order/1,
               fun caller_killed_mid_run/1,
               fun refusals_and_bugs/1,
+              fun tokens_of_an_instance_before_a_restart_name_nothing/1,
+              fun an_append_the_caller_gave_up_on_is_run_by_the_journal/1,
+              fun one_user_cannot_fill_the_journal/1,
               fun full/1,
               fun the_file_is_emptied/1]].
 
 caller_runs_first_journal_runs_the_rest(_) ->
     begin
-               {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1)),
+               {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
                queued = append_elsewhere(<<"u@h">>, args(2)),
                queued = append_elsewhere(<<"u@h">>, args(3)),
                %% Nothing runs while the caller holds the user's first entry.
@@ -114,7 +117,7 @@ caller_runs_first_journal_runs_the_rest(_) ->
 
 failed_entry_is_retried_and_holds_the_rest(_) ->
     begin
-               {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1)),
+               {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
                queued = append_elsewhere(<<"u@h">>, args(2)),
                roster_port_journal:failed(?HOST, S1, {error, unavailable}),
                %% The failed one again, until it succeeds; the next one only then.
@@ -127,23 +130,23 @@ failed_entry_is_retried_and_holds_the_rest(_) ->
 
 users_are_independent(_) ->
     begin
-               {run, A1} = roster_port_journal:append(?HOST, <<"a@h">>, ?OP, args(1)),
-               {run, _B1} = roster_port_journal:append(?HOST, <<"b@h">>, ?OP, args(2)),
+               {run, A1} = roster_port_journal:append(?HOST, <<"a@h">>, ?OP, args(1), 5000),
+               {run, _B1} = roster_port_journal:append(?HOST, <<"b@h">>, ?OP, args(2), 5000),
                queued = append_elsewhere(<<"b@h">>, args(3)),
                %% a's caller finishes while b's caller still holds b's first.
                roster_port_journal:done(?HOST, A1),
                no_run_within(200),
-               {run, _} = roster_port_journal:append(?HOST, <<"a@h">>, ?OP, args(4)),
+               {run, _} = roster_port_journal:append(?HOST, <<"a@h">>, ?OP, args(4), 5000),
                ?assertEqual(#{pending => 3, users => 2},
                             maps:with([pending, users], roster_port_journal:status(?HOST)))
            end.
 
 caused_by_the_head_comes_right_after_it(_) ->
     begin
-        {run, Head} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1)),
+        {run, Head} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
         queued = append_elsewhere(<<"u@h">>, args(3)),
         %% The process running u's head appends for u: run now, by it.
-        {run, Caused} = roster_port_journal:append(?HOST, <<"u@h">>, <<"in_subscription">>, args(2)),
+        {run, Caused} = roster_port_journal:append(?HOST, <<"u@h">>, <<"in_subscription">>, args(2), 5000),
         roster_port_journal:failed(?HOST, Caused, {error, unavailable}),
         roster_port_journal:done(?HOST, Head),
         {<<"in_subscription">>, #{<<"n">> := 2}} = expect_run(ok),
@@ -153,9 +156,9 @@ caused_by_the_head_comes_right_after_it(_) ->
 
 entries_survive_a_restart_in_order(Pid) ->
     begin
-               {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1)),
+               {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
                queued = append_elsewhere(<<"u@h">>, args(2)),
-               {run, V1} = roster_port_journal:append(?HOST, <<"v@h">>, ?OP, args(3)),
+               {run, V1} = roster_port_journal:append(?HOST, <<"v@h">>, ?OP, args(3), 5000),
                roster_port_journal:done(?HOST, V1),
                ok = wait_until(fun() -> pending() == 2 end, 2000),
                %% Killed, as a VM that dies: nothing closed cleanly.
@@ -176,7 +179,7 @@ caller_killed_mid_run(_) ->
                Self = self(),
                Caller = spawn(fun() ->
                                       Self ! {appended, roster_port_journal:append(
-                                                          ?HOST, <<"u@h">>, ?OP, args(1))},
+                                                          ?HOST, <<"u@h">>, ?OP, args(1), 5000)},
                                       receive never -> ok end
                               end),
                receive {appended, {run, _}} -> ok after 5000 -> error(no_append) end,
@@ -188,14 +191,14 @@ caller_killed_mid_run(_) ->
 refusals_and_bugs(_) ->
     begin
                %% Refused by the program for good: forgotten, the next one runs.
-               {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1)),
+               {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
                queued = append_elsewhere(<<"u@h">>, args(2)),
                roster_port_journal:failed(
                  ?HOST, S1, {error, {program, #{<<"code">> => <<"stanza_error">>}}}),
                {_, #{<<"n">> := 2}} = expect_run({dropped, refused}),
                ok = wait_until(fun() -> pending() == 0 end, 2000),
                %% A run that crashes, or a bug in the program, is tried a few times.
-               {run, S3} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(3)),
+               {run, S3} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(3), 5000),
                roster_port_journal:failed(?HOST, S3, {crashed, badarg}),
                [{_, #{<<"n">> := 3}} = expect_run({retry, internal}) || _ <- lists:seq(1, 4)],
                no_run_within(1200),
@@ -203,14 +206,54 @@ refusals_and_bugs(_) ->
                ?assertEqual(2, maps:get(dropped, roster_port_journal:status(?HOST)))
            end.
 
+tokens_of_an_instance_before_a_restart_name_nothing(Pid) ->
+    begin
+        {run, Old} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
+        unlink(Pid),
+        exit(Pid, kill),
+        ok = wait_until(fun() -> whereis(roster_port_journal:name(?HOST)) == undefined end, 2000),
+        Pid2 = start(#{}),
+        %% The new instance runs the entry read back, whatever the old caller says.
+        roster_port_journal:done(?HOST, Old),
+        {_, #{<<"n">> := 1}} = expect_run(ok),
+        ok = wait_until(fun() -> pending() == 0 end, 2000),
+        {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(2), 5000),
+        ?assertMatch(#{running := 0, pending := 1}, roster_port_journal:status(?HOST)),
+        stop(Pid2)
+    end.
+
+an_append_the_caller_gave_up_on_is_run_by_the_journal(Pid) ->
+    begin
+        ok = sys:suspend(Pid),
+        queued = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 100),
+        ok = sys:resume(Pid),
+        {_, #{<<"n">> := 1}} = expect_run(ok),
+        ok = wait_until(fun() -> pending() == 0 end, 2000),
+        %% And the user's next presence is the caller's to run again.
+        {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(2), 5000)
+    end.
+
+one_user_cannot_fill_the_journal(Pid) ->
+    begin
+        stop(Pid),
+        _ = file:delete(file()),
+        Pid2 = start(#{max_user_entries => 3}),
+        {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
+        queued = append_elsewhere(<<"u@h">>, args(2)),
+        queued = append_elsewhere(<<"u@h">>, args(3)),
+        {error, full} = append_elsewhere(<<"u@h">>, args(4)),
+        {run, _} = roster_port_journal:append(?HOST, <<"v@h">>, ?OP, args(5), 5000),
+        stop(Pid2)
+    end.
+
 full(Pid) ->
     begin
                stop(Pid),
                _ = file:delete(file()),
                Pid2 = start(#{max_entries => 2}),
-               {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1)),
-               {run, _} = roster_port_journal:append(?HOST, <<"v@h">>, ?OP, args(2)),
-               {error, full} = roster_port_journal:append(?HOST, <<"w@h">>, ?OP, args(3)),
+               {run, _} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
+               {run, _} = roster_port_journal:append(?HOST, <<"v@h">>, ?OP, args(2), 5000),
+               {error, full} = roster_port_journal:append(?HOST, <<"w@h">>, ?OP, args(3), 5000),
                stop(Pid2)
            end.
 
@@ -221,9 +264,9 @@ the_file_is_emptied(Pid) ->
                Pid2 = start(#{compact_records => 50}),
                %% One user's entry held by its caller the whole time: the file
                %% never empties by itself, it is rewritten.
-               {run, Held} = roster_port_journal:append(?HOST, <<"held@h">>, ?OP, args(0)),
+               {run, Held} = roster_port_journal:append(?HOST, <<"held@h">>, ?OP, args(0), 5000),
                [begin
-                    {run, S} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(N)),
+                    {run, S} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(N), 5000),
                     roster_port_journal:done(?HOST, S)
                 end || N <- lists:seq(1, 200)],
                ok = wait_until(fun() -> pending() == 1 end, 2000),

@@ -1031,6 +1031,7 @@ class PostgresStore(RosterStore):
     def _getconn(self, deadline: float) -> psycopg.Connection:
         """A pooled connection by `deadline` (on time.monotonic()); StoreUnavailable when there
         is none by then, or at once when the database is found unreachable."""
+        started = time.monotonic()
         while True:
             self._wait_until_usable(deadline)
             remaining = deadline - time.monotonic()
@@ -1043,8 +1044,11 @@ class PostgresStore(RosterStore):
                     continue  # one more slice, if the database was not found unreachable
                 detail = (f"PostgreSQL {self.dsn_shown}: no connection within the connect "
                           f"timeout ({self.connect_timeout_s:g} s) or the request's deadline")
-                if self._pool.get_stats().get("pool_size", 0) < self.pool_max:
-                    # Not every connection is busy: new ones cannot be made in time.
+                if (self._pool.get_stats().get("pool_size", 0) < self.pool_max
+                        and time.monotonic() - started >= self.connect_timeout_s):
+                    # Not every connection is busy, and a whole connect timeout went by: new
+                    # ones cannot be made. (A request with less time left than that proves
+                    # nothing: the pool may be making one.)
                     self._mark_unreachable(detail)
                 log.warning("PostgreSQL database unavailable: %s", detail)
                 raise StoreUnavailable(detail) from exc

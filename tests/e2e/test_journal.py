@@ -337,3 +337,46 @@ def program_pid(server: EjabberdServer, worker: str) -> int | None:
     out = server.rpc(f'io:format("~p~n", [rpc:call(Node, gen_server, call, [{worker}, status])])')
     found = re.search(r"os_pid => (\d+)", out)
     return int(found[1]) if found else None
+
+
+class _RosterAccessDenied(EjabberdServer):
+    """mod_roster's `access` denies alice subscription presences."""
+
+    def ejabberd_yml(self) -> str:
+        text = super().ejabberd_yml()
+        text = text.replace("acl:\n", "acl:\n  denied:\n    user: alice@localhost\n", 1)
+        text = text.replace("access_rules:\n",
+                            "access_rules:\n  roster_access:\n    deny: denied\n    allow: all\n", 1)
+        return text.replace("  mod_roster:\n", "  mod_roster:\n    access: roster_access\n", 1)
+
+
+def test_a_subscription_presence_the_access_rule_denies_reaches_no_one(tmp_path: Path):
+    """ejabberd_c2s answers `forbidden` and then routes the presence all the same: bob held
+    alice's request while alice's roster had nothing."""
+    if _missing():
+        pytest.skip(_missing())
+    server = _RosterAccessDenied(tmp_path / "ejabberd", pool_size=1)
+    server.start()
+    try:
+        server.register("alice", "bob", password=PASSWORD)
+
+        async def scenario():
+            alice, bob = clients(server)
+            await alice.connect()
+            await bob.connect()
+            try:
+                alice.send_subscription("bob@localhost", "subscribe")
+                await alice.wait_for(lambda c: c.presences_from("bob@localhost", "error"))
+                # A presence alice sends after it, on the same stream, reaches bob: the
+                # subscribe would have reached him before.
+                alice.xmpp.send_presence(pto="bob@localhost")
+                await bob.wait_for(lambda c: c.presences_from("alice@localhost", "available"))
+                assert bob.presences_from("alice@localhost", "subscribe") == []
+            finally:
+                alice.xmpp.disconnect()
+                bob.xmpp.disconnect()
+
+        asyncio.run(scenario())
+        assert rows(server) == {}
+    finally:
+        server.stop()
