@@ -94,20 +94,20 @@ subscription(LServer, LUser, Op, Args, CarryOut) ->
               Left = get(?DEADLINE) - erlang:monotonic_time(millisecond),
               case roster_port_journal:append(LServer, User, Op, Args#{<<"user">> => User},
                                               Left) of
-                  {run, Seq} ->
+                  {run, Token} ->
                       case call(LServer, LUser, Op, Args) of
                           {ok, Result} ->
                               try CarryOut(Result) of
                                   Value ->
-                                      roster_port_journal:done(LServer, Seq),
+                                      roster_port_journal:done(LServer, Token),
                                       {done, Value}
                               catch Class:Reason:Stack ->
-                                      roster_port_journal:failed(LServer, Seq,
+                                      roster_port_journal:failed(LServer, Token,
                                                                  {crashed, Reason}),
                                       erlang:raise(Class, Reason, Stack)
                               end;
                           Error ->
-                              roster_port_journal:failed(LServer, Seq, Error),
+                              roster_port_journal:failed(LServer, Token, Error),
                               case roster_port_journal:retry_reason(Error) of
                                   {retry, _} -> later;
                                   final -> Error

@@ -15,8 +15,9 @@
 %%%   - One user's entries are carried out one at a time, in the order they
 %%%     were appended, each to its end before the next starts. A user's first
 %%%     entry, with none before it, is run by its caller at once (append/5
-%%%     answers {run, Seq}; the caller says done/2 or failed/3); any other
-%%%     waits its turn and is run by the journal (append/5 answers queued).
+%%%     answers {run, Token}; the caller says done/2 or failed/3); any other
+%%%     waits its turn and is run by the journal (append/5 answers queued),
+%%%     and so is one whose caller stopped waiting for append/5.
 %%%     Except one appended by the process that runs the user's head entry,
 %%%     while it runs: caused by it (U's `unsubscribe` routed to a local C
 %%%     makes C's server answer `unsubscribed` to U at once, in the same
@@ -34,21 +35,31 @@
 %%%   - Carrying an entry out twice is harmless, which is what lets a run
 %%%     that may have half-happened be run again: the state machine
 %%%     (roster_port/subscription.py) reaches the same state from a repeated
-%%%     presence and answers route or deliver as the first time, and the
-%%%     contact's server treats a repeated presence the same way.
+%%%     presence and routes it as the first time (an inbound one sent with
+%%%     `replay` is delivered again when the state shows it applied), and
+%%%     the contact's server treats a repeated presence the same way. A run
+%%%     waits for the worker's runner before it carries anything out, so the
+%%%     effects of an earlier run's late answer come before it.
+%%%   - Tokens name an entry of one instance (its epoch): done/failed of a
+%%%     caller of the instance before a restart name nothing, the entry is
+%%%     read back from the file and run again. Runs are linked: they end with
+%%%     the instance that started them.
 %%%   - This process never calls the program nor routes anything: runs are
 %%%     made by processes it spawns (the `apply` function: roster_port_effects
 %%%     replay/3 in ejabberd), so that a run whose routing reaches a hook that
 %%%     appends here cannot deadlock, and a slow run never delays an append.
-%%%   - At most max_entries entries are held; an append beyond gets
-%%%     {error, full} and its caller refuses the presence (nothing applied).
+%%%   - At most max_entries entries are held, max_user_entries of one user;
+%%%     an append beyond gets {error, full} and its caller refuses the
+%%%     presence (nothing applied). Events cost O(log n): users ready to run
+%%%     are queued, retries kept in a set ordered by time.
 %%%
 %%% Durability: an entry is written and synced (fsync, ~0.1 ms here) before
 %%% append/5 returns; "done" records are written without a sync, as losing
 %%% one only means one harmless repeat after a crash. The file is emptied
 %%% whenever no entry is held (the usual case: a presence is carried out in
 %%% milliseconds) and rewritten with the live entries once it holds more than
-%%% COMPACT_RECORDS records.
+%%% COMPACT_RECORDS records and twice as many as live entries. An entry
+%%% records the head it was nested in, so the order survives a restart.
 -module(roster_port_journal).
 -behaviour(gen_server).
 

@@ -490,7 +490,9 @@ close_port(Port) ->
 
 kill(undefined) -> ok;
 kill(OsPid) when is_integer(OsPid) ->
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
+    %% In a process of its own: os:cmd starts a shell, which takes a while on
+    %% a loaded machine, and the worker must go on answering meanwhile.
+    _ = spawn(fun() -> os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null") end),
     ok.
 
 fail_callers(#state{pending = Pending}) ->
@@ -721,7 +723,11 @@ hello_answered({ok, #{<<"protocol">> := Protocol} = Result}, State) ->
     case lists:member(Protocol, ?PROTOCOLS) of
         true ->
             Caps = maps:get(<<"capabilities">>, Result, #{}),
-            roster_port_pool:set_capabilities(State#state.host, Caps),
+            %% Without `notifications`: only the feed worker's program says
+            %% true, and a value that differs between workers would rewrite
+            %% the persistent_term at each hello (a scan of every process).
+            roster_port_pool:set_capabilities(State#state.host,
+                                              maps:remove(<<"notifications">>, Caps)),
             ?LOG_INFO("roster-port ~ts/~B: program ~ts speaks protocol ~B; "
                       "capabilities: ~ts",
                       [State#state.host, State#state.index,

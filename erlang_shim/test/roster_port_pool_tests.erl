@@ -139,7 +139,7 @@ pool_test_() ->
       {"requests are pipelined and matched by id", fun pipelining/0},
       {"a call past its deadline gets timeout, the late answer is dropped",
        fun deadline/0},
-      {"one user's request slower than call_timeout: the other users' requests are "
+      {"one user's request slower than its deadline: the other users' requests are "
        "answered, the program is not restarted", fun slow_user/0},
       {"the hello offers protocol 2; every request carries a sane timeout_ms",
        fun timeout_ms/0},
@@ -152,7 +152,7 @@ pool_test_() ->
        fun call_deadline/0},
       {"the late requests of a program that dies are forgotten, logged",
        fun late_forgotten/0},
-      {"every request of the program blocked longer than call_timeout (a store lock) "
+      {"every request of the program blocked past its deadline (a store lock) "
        "while it answers pings: not killed", fun all_blocked/0},
       {"an answer split across many reads is put back together", fun dribble/0},
       {"a frame of 1 MB, over many reads, comes back whole", fun large_frame/0},
