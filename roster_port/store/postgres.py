@@ -1079,14 +1079,16 @@ class PostgresStore(RosterStore):
     def _pool_cannot_connect(self, pool: psycopg_pool.ConnectionPool) -> None:
         # The pool's reconnect_failed: in one of its threads.
         self._mark_unreachable(f"PostgreSQL {self.dsn_shown}: the pool could not connect (the "
-                               "psycopg.pool warnings in the log say why)")
+                               "psycopg.pool warnings in the log say why)", vague=True)
 
-    def _mark_unreachable(self, reason: str) -> None:
-        """Scopes fail fast from now on, until a connection of the prober succeeds."""
+    def _mark_unreachable(self, reason: str, vague: bool = False) -> None:
+        """Scopes fail fast from now on, until a connection of the prober succeeds. A `vague`
+        reason (the pool's, which does not say why) never replaces one already known."""
         with self._state:
             if self._closed or self._failure is not None:
                 return
-            self._unreachable_because = reason
+            if not (vague and not self._usable.is_set() and self._unreachable_because):
+                self._unreachable_because = reason
             if self._usable.is_set() or not self._unreachable_since:
                 self._usable.clear()
                 self._unreachable_since = time.monotonic()
