@@ -24,12 +24,14 @@
 %%% warning line each (README, "JIDs ejabberd cannot parse").
 -module(roster_port_call).
 
--export([call/4, call/5, subscription/5, within_deadline/2, roster_items/3, records/4,
-         log_skipped/3]).
+-export([call/4, call/5, subscription/5, within_deadline/2, as_journal_run/1,
+         roster_items/3, records/4, log_skipped/3]).
 
 -include("logger.hrl").
 
 -define(DEADLINE, roster_port_hook_deadline).
+%% Set while this process runs a journal entry (roster_port_journal:append/6).
+-define(RUNNING, roster_port_journal_run).
 
 %% The conversions of the program's answers that skip what names a JID
 %% ejabberd cannot parse (a row another application wrote), one warning
@@ -92,26 +94,14 @@ subscription(LServer, LUser, Op, Args, CarryOut) ->
       LServer,
       fun() ->
               Left = get(?DEADLINE) - erlang:monotonic_time(millisecond),
+              Covered = get(?RUNNING) == true,
               case roster_port_journal:append(LServer, User, Op, Args#{<<"user">> => User},
-                                              Left) of
+                                              Left, Covered) of
                   {run, Token} ->
-                      case call(LServer, LUser, Op, Args) of
-                          {ok, Result} ->
-                              try CarryOut(Result) of
-                                  Value ->
-                                      roster_port_journal:done(LServer, Token),
-                                      {done, Value}
-                              catch Class:Reason:Stack ->
-                                      roster_port_journal:failed(LServer, Token,
-                                                                 {crashed, Reason}),
-                                      erlang:raise(Class, Reason, Stack)
-                              end;
-                          Error ->
-                              roster_port_journal:failed(LServer, Token, Error),
-                              case roster_port_journal:retry_reason(Error) of
-                                  {retry, _} -> later;
-                                  final -> Error
-                              end
+                      put(?RUNNING, true),
+                      try run_entry(LServer, LUser, Op, Args, CarryOut, Token)
+                      after
+                          Covered orelse erase(?RUNNING)
                       end;
                   queued ->
                       later;
@@ -129,6 +119,40 @@ subscription(LServer, LUser, Op, Args, CarryOut) ->
                       end
               end
       end).
+
+%% The entry's caller runs it: applied, then carried out (CarryOut), done.
+run_entry(LServer, LUser, Op, Args, CarryOut, Token) ->
+    case call(LServer, LUser, Op, Args) of
+        {ok, Result} ->
+            try CarryOut(Result) of
+                Value ->
+                    roster_port_journal:done(LServer, Token),
+                    {done, Value}
+            catch Class:Reason:Stack ->
+                    roster_port_journal:failed(LServer, Token, {crashed, Reason}),
+                    erlang:raise(Class, Reason, Stack)
+            end;
+        Error ->
+            roster_port_journal:failed(LServer, Token, Error),
+            case roster_port_journal:retry_reason(Error) of
+                {retry, _} -> later;
+                final -> Error
+            end
+    end.
+
+%% @doc Runs Fun as the run of a journal entry (roster_port_effects:replay/3):
+%% presences it makes are covered by that entry (roster_port_journal:append/6).
+-spec as_journal_run(fun(() -> T)) -> T.
+as_journal_run(Fun) ->
+    Before = get(?RUNNING),
+    put(?RUNNING, true),
+    try Fun()
+    after
+        case Before of
+            undefined -> erase(?RUNNING);
+            _ -> put(?RUNNING, Before)
+        end
+    end.
 
 do_call(LServer, LUser, Op, Args, CallOpts) ->
     User = <<LUser/binary, "@", LServer/binary>>,

@@ -219,22 +219,26 @@ replay(Host, Op, #{<<"user">> := User} = Args) ->
     roster_port_call:within_deadline(
       Host,
       fun() ->
-              case roster_port_call:call(LServer, LUser, Op, maps:remove(<<"user">>, Request)) of
-                  {ok, Result} ->
-                      %% An earlier run of this entry may have been applied, and
-                      %% its answer come late: its effects (an automatic answer
-                      %% to the contact, pushes) went to the worker's runner, and
-                      %% must be carried out before the user's next entry.
-                      _ = roster_port_pool:sync_runner(LServer, User),
-                      carry_out(LServer, Op, Args, Result),
-                      ok;
-                  Error ->
-                      case roster_port_journal:retry_reason(Error) of
-                          {retry, Why} -> {retry, Why};
-                          final -> {dropped, Error}
-                      end
-              end
+              roster_port_call:as_journal_run(
+                fun() -> replay1(LServer, LUser, User, Op, Args, Request) end)
       end).
+
+replay1(LServer, LUser, User, Op, Args, Request) ->
+    case roster_port_call:call(LServer, LUser, Op, maps:remove(<<"user">>, Request)) of
+        {ok, Result} ->
+            %% An earlier run of this entry may have been applied, and its
+            %% answer come late: its effects (an automatic answer to the
+            %% contact, pushes) went to the worker's runner, and must be
+            %% carried out before the user's next entry.
+            _ = roster_port_pool:sync_runner(LServer, User),
+            carry_out(LServer, Op, Args, Result),
+            ok;
+        Error ->
+            case roster_port_journal:retry_reason(Error) of
+                {retry, Why} -> {retry, Why};
+                final -> {dropped, Error}
+            end
+    end.
 
 carry_out(LServer, <<"out_subscription">>, #{<<"user">> := User, <<"contact">> := Contact,
                                              <<"type">> := Type} = Args, Result) ->

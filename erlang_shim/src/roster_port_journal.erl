@@ -63,8 +63,8 @@
 -module(roster_port_journal).
 -behaviour(gen_server).
 
--export([child_spec/2, name/1, start_link/2, append/5, done/2, failed/3, status/1,
-         retry_reason/1]).
+-export([child_spec/2, name/1, start_link/2, append/5, append/6, done/2, failed/3,
+         status/1, retry_reason/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -include_lib("kernel/include/logger.hrl").
@@ -75,6 +75,10 @@
 -define(MAX_RUNNING, 16).
 -define(TICK_MS, 100).
 -define(COMPACT_RECORDS, 50000).
+%% Records an empty journal's file may hold before it is truncated (a
+%% truncation costs more than a thousand appends; the file is read whole at
+%% start only).
+-define(TRUNCATE_RECORDS, 1000).
 %% Entries of one user at most: a flood towards one user must not fill the
 %% journal for everyone.
 -define(MAX_USER_ENTRIES, 1000).
@@ -123,6 +127,9 @@
          %% it twice: checked when taken), and those waiting for a retry.
          ready = queue:new() :: queue:queue(binary()),
          retries = gb_sets:empty() :: gb_sets:set({integer(), binary()}),
+         %% Entries written without a sync (append/6), until they are done or
+         %% synced.
+         unsynced = #{} :: #{seq() => true},
          records = 0 :: non_neg_integer(),
          dropped = 0 :: non_neg_integer(),
          %% Entries journalled for later not logged yet, the last of them, and
@@ -161,8 +168,18 @@ start_link(Host, Opts) ->
 -spec append(binary(), binary(), binary(), map(), timeout()) ->
           {run, token()} | queued | {error, full | no_journal}.
 append(Host, User, Op, Args, Timeout) ->
+    append(Host, User, Op, Args, Timeout, false).
+
+%% @doc append/5, for a caller that runs an entry itself (Covered): an entry
+%% it gets to run at once is not synced to disk. Until it is done, the entry
+%% the caller runs covers it: a crash before then runs that entry again,
+%% which makes this presence again. If it fails (or the caller gives up on
+%% it, or dies), it is synced then, before it is retried.
+-spec append(binary(), binary(), binary(), map(), timeout(), boolean()) ->
+          {run, token()} | queued | {error, full | no_journal}.
+append(Host, User, Op, Args, Timeout, Covered) ->
     Ref = make_ref(),
-    try gen_server:call(name(Host), {append, Ref, User, Op, Args}, max(1, Timeout))
+    try gen_server:call(name(Host), {append, Ref, User, Op, Args, Covered}, max(1, Timeout))
     catch
         exit:{timeout, _} ->
             %% Appended or about to be: this cast comes after the append
@@ -238,11 +255,12 @@ init({Host, #{dir := Dir, apply := Apply} = Opts}) ->
             {stop, {journal, File, Reason}}
     end.
 
-handle_call({append, _Ref, User, _Op, _Args}, _From,
+handle_call({append, _Ref, User, _Op, _Args, _Covered}, _From,
             #state{entries = Entries, max_entries = Max, max_user_entries = UserMax} = State)
   when map_size(Entries) >= Max ->
     {reply, {error, full}, refused(User, Max, UserMax, State)};
-handle_call({append, Ref, User, Op, Args}, {Caller, _}, #state{next_seq = Seq} = State) ->
+handle_call({append, Ref, User, Op, Args, Covered}, {Caller, _},
+            #state{next_seq = Seq} = State) ->
     Queue = maps:get(User, State#state.queues, []),
     Nested = case {Queue, maps:get(User, State#state.heads, idle)} of
                  {[Head | _], {caller, Caller, _, _}} -> Head;
@@ -254,7 +272,7 @@ handle_call({append, Ref, User, Op, Args}, {Caller, _}, #state{next_seq = Seq} =
         true ->
             {reply, {error, full}, refused(User, State#state.max_entries, UserMax, State)};
         false ->
-            append1(Ref, User, Op, Args, Caller, Seq, Queue, Nested, State)
+            append1(Ref, User, Op, Args, Caller, Seq, Queue, Nested, Covered, State)
     end;
 handle_call(status, _From, State) ->
     {reply, #{pending => maps:size(State#state.entries),
@@ -297,8 +315,15 @@ terminate(_Reason, #state{log = Log, runs = Runs}) ->
 %%% Appending
 %%%===================================================================
 
-append1(Ref, User, Op, Args, Caller, Seq, Queue, Nested, State) ->
-    case write(State, {e, Seq, User, Op, Args, Nested}, sync) of
+append1(Ref, User, Op, Args, Caller, Seq, Queue, Nested, Covered, State0) ->
+    %% Covered and run at once by its caller: synced only if it fails
+    %% (append/6).
+    RunNow = Queue == [] orelse Nested /= undefined,
+    {Sync, State} = case Covered andalso RunNow of
+                        true -> {nosync, State0#state{unsynced = (State0#state.unsynced)#{Seq => true}}};
+                        false -> {sync, State0}
+                    end,
+    case write(State, {e, Seq, User, Op, Args, Nested}, Sync) of
         {ok, State1} ->
             State2 = State1#state{next_seq = Seq + 1,
                                   entries = (State1#state.entries)#{Seq => {User, Op, Args, 0}}},
@@ -379,7 +404,7 @@ abandoned(Ref, State) ->
     case maps:find(Ref, State#state.by_ref) of
         {ok, User} ->
             {caller, _, MRef, Ref} = maps:get(User, State#state.heads),
-            State1 = forget_caller(MRef, Ref, State),
+            State1 = make_durable(forget_caller(MRef, Ref, State)),
             ready(User, State1#state{heads = maps:remove(User, State1#state.heads)});
         error ->
             State
@@ -403,8 +428,12 @@ run_ended(Pid, Reason, State) ->
 %% ended with Outcome (what the caller said, or what the `apply` function
 %% returned: ok | {retry, Why} | {dropped, Why}): carried out, to be retried,
 %% or refused for good.
-ended(User, Seq, Outcome, State) ->
-    {_, Op, Args, Attempts} = maps:get(Seq, State#state.entries),
+ended(User, Seq, Outcome, State0) ->
+    {_, Op, Args, Attempts} = maps:get(Seq, State0#state.entries),
+    State = case outcome(Outcome) of
+                done -> State0;
+                _ -> make_durable(State0)
+            end,
     IsHead = hd(maps:get(User, State#state.queues)) == Seq,
     case outcome(Outcome) of
         done when Attempts > 0 ->
@@ -494,7 +523,8 @@ forget(User, Seq, State) ->
                  _ -> State1#state.nested
              end,
     State2 = State1#state{entries = maps:remove(Seq, State1#state.entries),
-                          nested = maps:remove(Seq, Nested)},
+                          nested = maps:remove(Seq, Nested),
+                          unsynced = maps:remove(Seq, State1#state.unsynced)},
     State3 = case {Queue, Head} of
                  {[], _} ->
                      State2#state{queues = maps:remove(User, State2#state.queues),
@@ -510,6 +540,19 @@ forget(User, Seq, State) ->
 
 ready(User, State) ->
     State#state{ready = queue:in(User, State#state.ready)}.
+
+%% Entries written without a sync are synced: one of them will outlive the
+%% run that covered it.
+make_durable(#state{unsynced = Unsynced} = State) when map_size(Unsynced) == 0 ->
+    State;
+make_durable(#state{log = Log} = State) ->
+    case disk_log:sync(Log) of
+        ok -> ok;
+        {error, Reason} ->
+            ?LOG_ERROR("roster-port ~ts: syncing the journal ~ts failed: ~p",
+                       [State#state.host, State#state.file, Reason])
+    end,
+    State#state{unsynced = #{}}.
 
 %% Heads whose retry is due are ready to run.
 due_retries(State) ->
@@ -655,14 +698,11 @@ read_record(_, Acc) ->
 %% An empty journal is truncated; one with many more records than live
 %% entries rewritten with its live entries only (into a copy renamed over
 %% it: a crash leaves one whole file or the other).
-compact(#state{entries = Entries, log = Log} = State) when map_size(Entries) == 0 ->
-    case State#state.records of
-        0 -> State;
-        _ ->
-            case disk_log:truncate(Log) of
-                ok -> State#state{records = 0};
-                {error, _} -> State
-            end
+compact(#state{entries = Entries, log = Log, records = Records} = State)
+  when map_size(Entries) == 0, Records >= ?TRUNCATE_RECORDS ->
+    case disk_log:truncate(Log) of
+        ok -> State#state{records = 0};
+        {error, _} -> State
     end;
 compact(#state{records = Records, compact_records = Max, entries = Entries} = State)
   when Records < Max; Records < 2 * map_size(Entries) ->
