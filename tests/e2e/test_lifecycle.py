@@ -46,10 +46,13 @@ def reload_config(server: EjabberdServer) -> str:
     server.write_config()
     out = server.rpc(
         "Res = rpc:call(Node, ejabberd_config, reload, []), "
-        'io:format("~n~ts~n", [case Res of ok -> "ok"; '
+        'io:format("~nreload_config result: ~ts~n", [case Res of ok -> "ok"; '
         "_ -> rpc:call(Node, ejabberd_config, format_error, [Res]) end])")
-    # Log lines of the reload (its process has the rpc's group leader) come first.
-    return out.strip().splitlines()[-1]
+    # Log lines of the reload (its process has the rpc's group leader, and the logger
+    # writes them when it gets to them) come before or after the result: picked by its tag.
+    [result] = [line.removeprefix("reload_config result: ") for line in out.splitlines()
+                if line.startswith("reload_config result: ")]
+    return result
 
 
 class Results(list):
