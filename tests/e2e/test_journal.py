@@ -14,32 +14,19 @@ import asyncio
 import os
 import re
 import signal
-import sqlite3
 import stat
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from conftest import PASSWORD, _missing
 from ejabberd_harness import EjabberdServer, roster_port_command
+from test_concurrency import write_lock_held
 from xmpp_client import Client
 
 pytestmark = pytest.mark.e2e
 
 CALL_TIMEOUT_MS = 1500
-
-
-@contextmanager
-def store_locked(path: Path):
-    """Another application holds SQLite's write lock on the store until the block ends."""
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
 
 def journal(server: EjabberdServer) -> dict[str, int]:
@@ -153,7 +140,7 @@ def test_a_pre_approval_is_never_routed_when_the_program_does_not_answer(server)
         await alice.connect()
         await bob.connect()
         try:
-            with store_locked(server.store_path):
+            with write_lock_held(server.store_path):
                 alice.send_subscription("bob@localhost", "subscribed")
                 await journalled(server)
             await until_journal(server, lambda s: s["pending"] == 0)
@@ -261,7 +248,7 @@ def test_journalled_presences_survive_an_ejabberd_restart(server):
         finally:
             alice.xmpp.disconnect()
 
-    with store_locked(server.store_path):
+    with write_lock_held(server.store_path):
         asyncio.run(before_restart())
         server.stop()
     server.start()
