@@ -110,6 +110,14 @@ def _install_serve_uninstall(base: Path, ejabberd: pwd.struct_passwd) -> None:
         assert test_dependency not in freeze
     assert (prefix / "ebin/mod_roster_port.beam").exists()
 
+    # What the install checked, an operator can check again: as the user ejabberd runs as.
+    as_ejabberd = subprocess.run([str(prefix / "bin/roster-port"), "check", "--config", str(config),
+                                  "--as-user", "ejabberd"], capture_output=True, text=True,
+                                 timeout=60)
+    assert as_ejabberd.returncode == 0, as_ejabberd.stdout + as_ejabberd.stderr
+    assert "runs as: ejabberd (uid " in as_ejabberd.stdout
+    assert f"log: info to {logs}/roster-port.log" in as_ejabberd.stdout
+
     port = free_port()
     node = f"rp_install_{uuid.uuid4().hex[:8]}@localhost"
     defaults = DEBIAN_DEFAULTS.read_text()
