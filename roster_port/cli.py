@@ -79,7 +79,7 @@ def _check(args: argparse.Namespace) -> int:
                                    for field in dataclasses.fields(limits)))
         _say("serve: " + " ".join(f"{field.name}={getattr(config.serve, field.name)}"
                                   for field in dataclasses.fields(config.serve)))
-        _say(f"outside changes: {_outside_changes(config)}")
+        _say(f"outside changes: {_outside_changes(config, getattr(store, 'mapping', None))}")
         log_to, log_writable = _log_destination(config)
         _say(f"log: {config.log.level} to {log_to}")
         _say(f"runs as: {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})")
@@ -145,14 +145,17 @@ def _log_destination(config: Config) -> tuple[str, bool]:
     return path + ("" if writable else " (NOT writable by this user)"), writable
 
 
-def _outside_changes(config: Config) -> str:
-    """Whether `serve` will push changes made outside XMPP, and what it depends on."""
+def _outside_changes(config: Config, mapping) -> str:
+    """Whether `serve` will push changes made outside XMPP, and what it depends on: the change
+    log, triggers logging the tables the mapping reads (`mapping`: None for the program's own
+    schema), and LISTEN."""
     backend = config.store.get("backend", "sqlite")
     if backend == "sqlite":
         return ("pushed: the program's own change table (roster_changes, written by its "
                 "triggers), polled every 0.2 s by one program per ejabberd node")
     import psycopg
 
+    from .store.mapped import tables_read
     from .store.pg_changes import CHANNEL, triggers_that_log
 
     try:
@@ -163,6 +166,7 @@ def _outside_changes(config: Config) -> str:
                 " AND to_regprocedure('roster_port_log_change(text,text,text,text)') IS NOT NULL"
             ).fetchone()[0]
             triggers = triggers_that_log(connection)
+            read = tables_read(mapping, connection) if mapping is not None else []
             connection.execute(f"LISTEN {CHANNEL}")
             connection.execute(f"UNLISTEN {CHANNEL}")
     except psycopg.Error as exc:
@@ -175,6 +179,11 @@ def _outside_changes(config: Config) -> str:
                 "roster_port_log_change() (docs/changes.md)")
     names = ", ".join(f"{table} ({trigger}{'' if enabled else ', DISABLED'})"
                       for _, table, trigger, enabled in triggers)
+    logged = {f"{schema}.{table}" for schema, table, _, enabled in triggers if enabled}
+    unlogged = [table for table in read if table not in logged]
+    if unlogged:
+        return (f"partly pushed: LISTEN works; triggers logging changes on {names}; but the "
+                f"mapping also reads {', '.join(unlogged)}, whose changes no trigger logs")
     return f"pushed: LISTEN works; triggers logging changes on {names}"
 
 

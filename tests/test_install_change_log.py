@@ -191,7 +191,36 @@ def test_check_says_whether_changes_made_outside_xmpp_will_be_pushed(database) -
 
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(FOLLOWS)
+    # A trigger, but not on what the mapping reads (ejabberd's rosterusers, rostergroups).
+    partly = run_check(config)
+    assert partly.returncode == 0, partly.stdout + partly.stderr
+    line = next(x for x in partly.stdout.splitlines() if x.startswith("outside changes: "))
+    assert line.startswith("outside changes: partly pushed: LISTEN works; triggers logging "
+                           "changes on follows (follows_roster_port); but the mapping also reads ")
+    assert f"{schema}.rosterusers" in line and f"{schema}.rostergroups" in line
+
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(ROSTER_TABLES_LOG)
     fed = run_check(config)
     assert fed.returncode == 0, fed.stdout + fed.stderr
-    assert ("outside changes: pushed: LISTEN works; triggers logging changes on follows "
-            "(follows_roster_port)") in fed.stdout
+    line = next(x for x in fed.stdout.splitlines() if x.startswith("outside changes: "))
+    assert line.startswith("outside changes: pushed: LISTEN works; triggers logging changes on "), line
+    assert "rosterusers (rosterusers_roster_port)" in line
+    assert "rostergroups (rostergroups_roster_port)" in line
+
+
+ROSTER_TABLES_LOG = """
+CREATE FUNCTION roster_tables_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM roster_port_log_change(OLD.username, OLD.jid, NULL, NULL);
+        RETURN OLD;
+    END IF;
+    PERFORM roster_port_log_change(NEW.username, NEW.jid, NULL, NULL);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER rosterusers_roster_port AFTER INSERT OR UPDATE OR DELETE ON rosterusers
+    FOR EACH ROW EXECUTE FUNCTION roster_tables_log();
+CREATE TRIGGER rostergroups_roster_port AFTER INSERT OR UPDATE OR DELETE ON rostergroups
+    FOR EACH ROW EXECUTE FUNCTION roster_tables_log();
+"""
