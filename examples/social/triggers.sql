@@ -3,9 +3,10 @@
 -- records it and NOTIFYs roster-port, whose change feed pushes it to the users' XMPP clients.
 --
 -- DEPENDENCY: roster_port_log_change(p_username text, p_contact text,
---     p_old_subscription text, p_new_subscription text) is roster-port's function (the change
--- log of roster-port's PostgreSQL schema); create it in this database first, as roster-port's
--- documentation says. These triggers do not create it. Arguments: the user's bare JID, the
+--     p_old_subscription text, p_new_subscription text) is roster-port's function (its change
+-- log, docs/changes.md); these triggers do not create it. Install it in this database first:
+--   roster-port install-change-log --config roster-port.toml [--print-sql]
+-- (the writers' grants: docs/changes.md, "Grants"). Arguments: the user's bare JID, the
 -- contact's bare JID, and the subscription ('none', 'to', 'from', 'both') the contact had and
 -- has in the user's roster, NULL for "not in the roster".
 --

@@ -633,18 +633,7 @@ class MappedPostgresStore(PostgresStore):
 
         Raises StoreError listing every statement that does not prepare, with the reason.
         """
-        user, contact = "roster-port-check@check.invalid", "contact@check.invalid"
-        base = {"user": user, "user_local": "roster-port-check", "user_domain": "check.invalid",
-                "user_id": None, "origin": self.origin}
-        contact_parameters = {"contact": contact, "contact_local": "contact",
-                              "contact_domain": "check.invalid", "contact_id": None}
-        row_parameters = {"name": "check", "groups": [], "subscription": "none", "ask": "none",
-                          "pending_out": False, "pending_in": False, "approved": False,
-                          "in_roster": True, "request_text": "",
-                          "status": next(iter(self.mapping.status_write.values()), None),
-                          "state": "N"}
-        samples = {"jid": user, "local": "roster-port-check", "domain": "check.invalid",
-                   "id": None, **base, **contact_parameters, **row_parameters}
+        samples = sample_parameters(self.mapping, self.origin)
         problems: list[str] = []
         connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         for name, parts in self.mapping.statements.items():
@@ -704,3 +693,43 @@ class MappedPostgresStore(PostgresStore):
         if "ask" in columns and {"pending_out", "pending_in"} & set(columns):
             return "returns ask and pending_out/pending_in: one or the other"
         return None
+
+
+def sample_parameters(mapping: Mapping, origin: str) -> dict[str, Any]:
+    """A value for every parameter of every statement: a user and contact of a domain that
+    cannot exist (RFC 2606), for planning statements without touching real rows."""
+    user, contact = "roster-port-check@check.invalid", "contact@check.invalid"
+    return {"jid": user, "local": "roster-port-check", "domain": "check.invalid", "id": None,
+            "user": user, "user_local": "roster-port-check", "user_domain": "check.invalid",
+            "user_id": None, "origin": origin,
+            "contact": contact, "contact_local": "contact", "contact_domain": "check.invalid",
+            "contact_id": None,
+            "name": "check", "groups": [], "subscription": "none", "ask": "none",
+            "pending_out": False, "pending_in": False, "approved": False, "in_roster": True,
+            "request_text": "", "status": next(iter(mapping.status_write.values()), None),
+            "state": "N"}
+
+
+def tables_read(mapping: Mapping, connection: psycopg.Connection) -> list[str]:
+    """The tables (schema.name) the mapping's reading statements read, from their plans:
+    where the operator's triggers must log changes for them to be pushed."""
+    samples = sample_parameters(mapping, "")
+    tables: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "Relation Name" in node:
+                tables.add(f"{node.get('Schema', '?')}.{node['Relation Name']}")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for name in READ_STATEMENTS:
+        for part in mapping.statements.get(name, ()):
+            parameters = {key: samples[key] for key in PARAMETERS[name]}
+            plan = connection.execute("EXPLAIN (VERBOSE, FORMAT JSON) " + part,
+                                      parameters).fetchone()[0]
+            walk(plan)
+    return sorted(tables)

@@ -138,7 +138,15 @@ def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
     elif isinstance(schema, str):
         schema = sql.Identifier(schema)
     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
-    cursor.execute(sql.SQL("""
+    for statement in change_log_statements(schema):
+        cursor.execute(statement)
+
+
+def change_log_statements(schema: sql.Identifier) -> list[sql.Composed]:
+    """The DDL of the change log in `schema`: what install_change_log() runs (after its lock),
+    and what `roster-port install-change-log --print-sql` shows a DBA."""
+    return [
+        sql.SQL("""
         CREATE TABLE IF NOT EXISTS {schema}.roster_port_changes (
             id bigserial PRIMARY KEY,
             username text NOT NULL,
@@ -149,12 +157,12 @@ def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
             xact xid8 NOT NULL DEFAULT pg_current_xact_id(),
             recorded_at timestamptz NOT NULL DEFAULT now()
         )
-    """).format(schema=schema))
-    # The feed reads by transaction id: "xact >= xmax OR xact = ANY(xip)".
-    cursor.execute(sql.SQL(
-        "CREATE INDEX IF NOT EXISTS roster_port_changes_xact ON {schema}.roster_port_changes (xact)"
-    ).format(schema=schema))
-    cursor.execute(sql.SQL("""
+    """).format(schema=schema),
+        # The feed reads by transaction id: "xact >= xmax OR xact = ANY(xip)".
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS roster_port_changes_xact ON {schema}.roster_port_changes (xact)"
+        ).format(schema=schema),
+        sql.SQL("""
         CREATE OR REPLACE FUNCTION {schema}.roster_port_log_change(
             p_username text, p_contact text, p_old_subscription text, p_new_subscription text)
         RETURNS void
@@ -177,8 +185,46 @@ def install_change_log(cursor: psycopg.Connection | psycopg.Cursor,
         END
         $$
     """).format(schema=schema, setting=sql.Literal(ORIGIN_SETTING),
-                user_setting=sql.Literal(ORIGIN_USER_SETTING), channel=sql.Literal(CHANNEL),
-                wake_channel=sql.Literal(WAKE_CHANNEL)))
+                    user_setting=sql.Literal(ORIGIN_USER_SETTING), channel=sql.Literal(CHANNEL),
+                    wake_channel=sql.Literal(WAKE_CHANNEL)),
+    ]
+
+
+def change_log_grants(schema: sql.Identifier, *, program_roles: list[str] = (),
+                      writer_roles: list[str] = ()) -> list[sql.Composed]:
+    """GRANTs for the roles that use the log but do not own it.
+
+    The function runs with the rights of whoever's transaction calls it (it is not SECURITY
+    DEFINER), so a *writer*, any role whose writes fire a trigger that logs (the program's
+    own role included: its writes fire the operator's triggers), needs INSERT on the table
+    and USAGE on its sequence; the *program* also reads the log (SELECT) and prunes it
+    (DELETE). LISTEN needs no privilege; EXECUTE on functions is PUBLIC's by default.
+    """
+    table = sql.SQL("{}.roster_port_changes").format(schema)
+    sequence = sql.SQL("{}.roster_port_changes_id_seq").format(schema)
+    statements = []
+    for role, rights in ([(r, "SELECT, INSERT, DELETE") for r in program_roles]
+                         + [(r, "INSERT") for r in writer_roles if r not in program_roles]):
+        statements.append(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(role)))
+        statements.append(sql.SQL("GRANT " + rights + " ON {} TO {}").format(table, sql.Identifier(role)))
+        statements.append(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sequence, sql.Identifier(role)))
+    return statements
+
+
+TRIGGERS_THAT_LOG = """
+    SELECT c.relnamespace::regnamespace::text, c.relname, t.tgname, t.tgenabled <> 'D'
+    FROM pg_trigger t
+    JOIN pg_class c ON c.oid = t.tgrelid
+    JOIN pg_proc p ON p.oid = t.tgfoid
+    WHERE NOT t.tgisinternal AND p.prosrc ILIKE '%%roster_port_log_change%%'
+    ORDER BY 1, 2, 3
+"""
+
+
+def triggers_that_log(cursor: psycopg.Connection | psycopg.Cursor) -> list[tuple[str, str, str, bool]]:
+    """(schema, table, trigger, enabled) of every trigger whose function calls
+    roster_port_log_change(): the tables whose changes made outside XMPP reach the feed."""
+    return [tuple(row) for row in cursor.execute(TRIGGERS_THAT_LOG).fetchall()]
 
 
 # The feed's read (see _read_entries): this statement's snapshot S, and the entries not

@@ -469,8 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     # Mnesia ties its files (accounts) to the node name: keep it stable per directory.
     node = "rosterport_" + hashlib.sha1(str(workdir).encode()).hexdigest()[:8]
     server = EjabberdServer(workdir, host=args.host, c2s_port=args.port, ip=args.ip, node=node)
-    server.start()
+    # SIGTERM (a script's `kill`, systemd, a container's stop) stops it as Ctrl-C does, even
+    # while ejabberd is still starting: the `finally` below stops ejabberd and its programs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        server.start()
         if args.user:
             server.register(*args.user, password=args.password)
         print(f"ejabberd is up: XMPP on {args.ip}:{args.port}, domain {args.host}")
@@ -482,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Logs: {server.log_path} (ejabberd), {server.program_log_path} (roster-port)")
         print(f"Rosters are stored in {server.store_path}. Ctrl-C stops everything.")
         sys.stdout.flush()
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while server.process and server.process.poll() is None:
             time.sleep(0.5)
         print("ejabberd exited on its own: see the logs above", file=sys.stderr)
