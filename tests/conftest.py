@@ -113,10 +113,38 @@ def postgres_mapped_ejabberd_factory(tmp_path: Path) -> Iterator[StoreFactory]:
         server.drop_schema(schema)
 
 
+# ejabberd's new schema (pg.new.sql, new_sql_schema: true), several virtual hosts in one
+# database, through the packaged mapping roster_port/mappings/ejabberd-new.toml. The tables
+# already hold rosters, groups and versions of the same localparts on another host
+# (OTHER_EJABBERD_HOST, ALICE and BOB's localparts included): every contract test then also
+# shows that a host's statements never see, count, version or delete another host's rows.
+OTHER_EJABBERD_HOST = "other-host.example"
+
+
+@contextlib.contextmanager
+def postgres_mapped_ejabberd_new_factory(tmp_path: Path) -> Iterator[StoreFactory]:
+    server = pg_cluster.shared_server()
+    schema = server.create_schema()
+    try:
+        dsn = server.dsn(schema)
+        pg_cluster.load_ejabberd_schema(dsn, new_schema=True)
+        with pg_cluster.TestServer.connect(dsn) as connection:
+            pg_cluster.fill_other_ejabberd_host(connection, OTHER_EJABBERD_HOST)
+        yield StoreFactory(
+            adapter="postgres_mapped_ejabberd_new",
+            opener=functools.partial(MappedPostgresStore, dsn, mapping="ejabberd-new",
+                                     connect_timeout_s=PG_TEST_CONNECT_TIMEOUT_S),
+            unreachable=server.refusing_connections,
+        )
+    finally:
+        server.drop_schema(schema)
+
+
 STORE_ADAPTERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[StoreFactory]]] = {
     "sqlite": sqlite_factory,
     "postgres": postgres_factory,
     "postgres_mapped_ejabberd": postgres_mapped_ejabberd_factory,
+    "postgres_mapped_ejabberd_new": postgres_mapped_ejabberd_new_factory,
 }
 
 

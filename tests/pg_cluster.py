@@ -348,19 +348,53 @@ def stop_shared_server() -> None:
         server.stop()
 
 
-# ejabberd's own PostgreSQL schema, as Debian's ejabberd package ships it (the tests of the
-# ejabberd mapping load it unchanged).
+# ejabberd's own PostgreSQL schemas, as Debian's ejabberd package ships them (the tests of the
+# ejabberd mappings load them unchanged): pg.sql, the default single-host schema, and
+# pg.new.sql, the schema of `new_sql_schema: true` (server_host columns, several hosts).
 EJABBERD_PG_SQL = Path("/usr/share/ejabberd/sql/pg.sql")
+EJABBERD_PG_NEW_SQL = Path("/usr/share/ejabberd/sql/pg.new.sql")
 
 
-def ejabberd_pg_sql() -> str:
-    """The text of ejabberd's pg.sql; the test fails (never skips) when it is missing."""
-    if not EJABBERD_PG_SQL.is_file():
-        pytest.fail(f"{EJABBERD_PG_SQL} is missing: apt-get install ejabberd", pytrace=False)
-    return EJABBERD_PG_SQL.read_text(encoding="utf-8")
+def ejabberd_pg_sql(*, new_schema: bool = False) -> str:
+    """The text of ejabberd's pg.sql (pg.new.sql with `new_schema`); the test fails (never
+    skips) when it is missing."""
+    path = EJABBERD_PG_NEW_SQL if new_schema else EJABBERD_PG_SQL
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: apt-get install ejabberd", pytrace=False)
+    return path.read_text(encoding="utf-8")
 
 
-def load_ejabberd_schema(dsn: str) -> None:
-    """Create ejabberd's tables (its pg.sql, unchanged) in the first schema of `dsn`."""
+def load_ejabberd_schema(dsn: str, *, new_schema: bool = False) -> None:
+    """Create ejabberd's tables (its pg.sql or pg.new.sql, unchanged) in the first schema of
+    `dsn`."""
     with TestServer.connect(dsn) as connection:
-        connection.execute(ejabberd_pg_sql())
+        connection.execute(ejabberd_pg_sql(new_schema=new_schema))
+
+
+# Localparts and contacts the store contract (tests/store_contract.py) uses on its own host.
+_OTHER_HOST_USERS = ("alice", "bob", *(f"property-{index}" for index in range(10)))
+_OTHER_HOST_CONTACTS = ("same@example.com", "a@example.com", "kept@example.com",
+                        "plain@example.com", "counter@example.com", "zoë@例え.jp",
+                        "stranger@example.com")
+
+
+def fill_other_ejabberd_host(connection: psycopg.Connection, host: str) -> None:
+    """Rows of the localparts the store contract uses, on virtual host `host` of a pg.new.sql
+    database, in the letters mod_roster_sql writes (items in every subscription, a stranger's
+    request, groups, a stored version): what another host of the same ejabberd keeps there."""
+    letters = ("B", "T", "F", "N")
+    for username in _OTHER_HOST_USERS:
+        for index, contact in enumerate(_OTHER_HOST_CONTACTS):
+            ask = "I" if contact.startswith("stranger") else "N"
+            connection.execute(
+                """INSERT INTO rosterusers (username, server_host, jid, nick, subscription, ask,
+                                            askmessage, server, subscribe, "type")
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, 'N', '', 'item')""",
+                (username, host, contact, f"{username}'s {contact} on {host}",
+                 letters[index % len(letters)], ask, "other host" if ask == "I" else ""))
+            connection.execute(
+                "INSERT INTO rostergroups (username, server_host, jid, grp) VALUES (%s, %s, %s, %s)",
+                (username, host, contact, f"group on {host}"))
+        connection.execute(
+            "INSERT INTO roster_version (username, server_host, version) VALUES (%s, %s, %s)",
+            (username, host, f"version of {username}@{host}"))
