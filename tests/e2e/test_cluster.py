@@ -11,7 +11,7 @@ Users: alice with a resource on each node (a1 on A, a2 on B), bob on B, carol on
 change is made through one node (a client, or ejabberdctl), or in SQL by another
 application, and then:
 - every resource of the user has each push exactly once: a user's resources on A and on B
-  receive the same pushes, in the same order, and no (contact, ver) twice;
+  receive the same pushes, and no (contact, ver) twice;
 - a presence consequence (the contact gaining `from`: each resource resends its presence;
   losing it: each resource sends unavailable) reaches the contact once per resource;
 - reads through each node (roster IQ gets, ejabberd's roster_get and roster_get_jid_info hooks,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 
 import psycopg
@@ -188,7 +189,12 @@ class Cluster:
                 assert not wrong, f"{client.jid} got pushes {wrong} times: {client.pushes}"
             first, *others = clients
             for other in others:
-                assert other.push_keys() == first.push_keys(), (first.jid, other.jid)
+                # The same pushes; their order may differ (a change made through this node is
+                # pushed at once, one made through the other node when this node's feed reads
+                # it), and each carries its own ver.
+                here, there = Counter(first.push_keys()), Counter(other.push_keys())
+                assert here == there, (f"only {first.jid}: {here - there}; "
+                                       f"only {other.jid}: {there - here}")
             expected = roster_view(self.dsn, user)
             for client in clients:
                 got = (await client.roster_get()).items
@@ -203,6 +209,17 @@ class Cluster:
             assert {u: hooks.get(u, {}) for u in users} == database, node.node_name
 
 
+async def pushed(clients: list[Client], contact: str, **fields) -> None:
+    """Until each client has a push of `contact` whose item has `fields` (subscription="to",
+    name=...). Each change is waited for on every resource before the next is made: a feed
+    that reads two changes of one user at once reports the user's rows as they are then, in
+    one push per contact, with the version current then."""
+    for client in clients:
+        await client.wait_for(lambda x: [p for p in x.pushes_for(contact)
+                                         if all(getattr(p.item, k) == v
+                                                for k, v in fields.items())], DEADLINE)
+
+
 def test_changes_through_either_node_or_sql_reach_each_resource_once(ejabberd_cluster):
     node_a, node_b, dsn = ejabberd_cluster
     node_a.register("alice", "bob", "carol", "dave", password=PASSWORD)
@@ -214,9 +231,7 @@ def test_changes_through_either_node_or_sql_reach_each_resource_once(ejabberd_cl
         try:
             # Alice, on A, asks Bob (on B): her request reaches Bob once.
             a1.send_subscription(BOB, "subscribe")
-            for client in (a1, a2):
-                await client.wait_for(lambda x: [p for p in x.pushes_for(BOB)
-                                                 if p.item.ask == "subscribe"], DEADLINE)
+            await pushed([a1, a2], BOB, ask="subscribe")
             await b.wait_for(lambda x: x.presences_from(ALICE, "subscribe"), DEADLINE)
             await cluster.check()
             assert len(b.presences_from(ALICE, "subscribe")) == 1
@@ -224,9 +239,9 @@ def test_changes_through_either_node_or_sql_reach_each_resource_once(ejabberd_cl
             # Bob, on B, approves: Alice's resources each get the push, the `subscribed`, and
             # Bob's presence (he gained `from` her: his resource resends it) once.
             b.send_subscription(ALICE, "subscribed")
+            await pushed([a1, a2], BOB, subscription="to")
+            await pushed([b], ALICE, subscription="from")
             for client in (a1, a2):
-                await client.wait_for(lambda x: [p for p in x.pushes_for(BOB)
-                                                 if p.item.subscription == "to"], DEADLINE)
                 await client.wait_for(lambda x: x.count(f"{BOB}/b", "available"), DEADLINE)
             await cluster.check()
             for client in (a1, a2):
@@ -235,17 +250,18 @@ def test_changes_through_either_node_or_sql_reach_each_resource_once(ejabberd_cl
 
             # A roster set through B, then a change in SQL by another application.
             await a2.roster_set(BOB, name="Bobby", groups=("Friends",))
+            await pushed([a1, a2], BOB, name="Bobby")
             sql(dsn, "UPDATE roster_items SET name = 'Robert' "
                 "WHERE username = %s AND contact = %s", (ALICE, BOB))
-            for client in (a1, a2):
-                await client.wait_for(lambda x: [p for p in x.pushes_for(BOB)
-                                                 if p.item.name == "Robert"], DEADLINE)
+            await pushed([a1, a2], BOB, name="Robert")
             await cluster.check()
 
             # In SQL, Carol gains `from` Alice: each of Alice's resources (one per node, each
             # carried out by its own node's feed) resends its presence to Carol, once.
             sql(dsn, "INSERT INTO roster_items (username, contact, subscription) VALUES "
                 "(%s, %s, 'from'), (%s, %s, 'to')", (ALICE, CAROL, CAROL, ALICE))
+            await pushed([a1, a2], CAROL, subscription="from")
+            await pushed([c], ALICE, subscription="to")
             for resource in ("a1", "a2"):
                 await c.wait_for(lambda x: x.count(f"{ALICE}/{resource}", "available"),
                                  DEADLINE)
@@ -265,23 +281,136 @@ def test_changes_through_either_node_or_sql_reach_each_resource_once(ejabberd_cl
             # Bob, on B, withdraws Alice's subscription: she loses it, his resource sends her
             # unavailable once (each of her resources gets it once).
             b.send_subscription(ALICE, "unsubscribed")
+            await pushed([a1, a2], BOB, subscription="none")
+            await pushed([b], ALICE, subscription="none")
             for client in (a1, a2):
                 await client.wait_for(lambda x: x.count(f"{BOB}/b", "unavailable"), DEADLINE)
-            # In SQL, Carol loses `from` Alice: unavailable from each of Alice's resources.
-            sql(dsn, "UPDATE roster_items SET subscription = 'none' WHERE (username, contact) "
-                "IN ((%s, %s), (%s, %s))", (ALICE, CAROL, CAROL, ALICE))
+            # Alice, on A, withdraws Carol's: unavailable from each of Alice's resources (a1:
+            # node A's answer; a2: node B's feed), once each.
+            a1.send_subscription(CAROL, "unsubscribed")
+            await pushed([a1, a2], CAROL, subscription="none")
+            await pushed([c], ALICE, subscription="none")
             for resource in ("a1", "a2"):
                 await c.wait_for(lambda x: x.count(f"{ALICE}/{resource}", "unavailable"),
+                                 DEADLINE)
+            await cluster.check()
+            # In SQL, Carol gains `from` Alice again, then loses it: once each, per resource.
+            sql(dsn, "UPDATE roster_items SET subscription = 'from' "
+                "WHERE username = %s AND contact = %s", (ALICE, CAROL))
+            await pushed([a1, a2], CAROL, subscription="from")
+            for resource in ("a1", "a2"):
+                await c.wait_for(lambda x: x.count(f"{ALICE}/{resource}", "available") == 2,
+                                 DEADLINE)
+            sql(dsn, "UPDATE roster_items SET subscription = 'none' "
+                "WHERE username = %s AND contact = %s", (ALICE, CAROL))
+            for resource in ("a1", "a2"):
+                await c.wait_for(lambda x: x.count(f"{ALICE}/{resource}", "unavailable") == 2,
                                  DEADLINE)
             await cluster.check()
             for client in (a1, a2):
                 assert len(client.presences_from(BOB, "unsubscribed")) == 1, client.jid
                 assert client.count(f"{BOB}/b", "unavailable") == 1, client.jid
                 assert client.count(f"{BOB}/b", "available") == 1, client.jid
+            assert len(c.presences_from(ALICE, "unsubscribed")) == 1
             for resource in ("a1", "a2"):
-                assert c.count(f"{ALICE}/{resource}", "available") == 1, resource
-                assert c.count(f"{ALICE}/{resource}", "unavailable") == 1, resource
+                assert c.count(f"{ALICE}/{resource}", "available") == 2, resource
+                assert c.count(f"{ALICE}/{resource}", "unavailable") == 2, resource
         finally:
             await cluster.logout()
 
     asyncio.run(scenario())
+
+
+def journal_pending(server: EjabberdServer) -> int:
+    out = server.rpc('io:format("~p~n", [rpc:call(Node, roster_port_journal, status, '
+                     f'[<<"{server.host}">>])])')
+    [pending] = re.findall(r"pending => (\d+)", out)
+    return int(pending)
+
+
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    """Until condition() (blocking: an rpc, a query) holds; AssertionError(what) after."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(condition):
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def rows(dsn: str, user: str, contact: str) -> tuple | None:
+    with psycopg.connect(dsn, autocommit=True) as db:
+        return db.execute("SELECT subscription, pending_out, pending_in FROM roster_items "
+                          "WHERE username = %s AND contact = %s", (user, contact)).fetchone()
+
+
+def test_a_node_killed_or_stopped_loses_nothing(ejabberd_cluster, pg_server):
+    node_a, node_b, dsn = ejabberd_cluster
+    node_a.register("alice", "bob", "carol", password=PASSWORD)
+
+    async def killed_with_a_journalled_presence() -> None:
+        # Bob, on B, asks Carol (on A) while the database is unreachable: node B's journal
+        # holds his presence (synced to its disk_log), nothing applied, nothing routed.
+        c = await connect(node_a, "carol", "c")
+        b = await connect(node_b, "bob", "b")
+        offset = node_b.log_size()
+        with pg_server.refusing_connections():
+            b.send_subscription(CAROL, "subscribe", status="it's Bob")
+            await asyncio.to_thread(node_b.wait_for_log, "not carried out at once", 1,
+                                    offset, 30)
+            assert journal_pending(node_b) == 1
+            # Node B dies with it (SIGKILL: no module stop, no journal close).
+            node_b.kill()
+        await b.disconnect()
+        # Node B starts again (it rejoins the cluster by itself: its Mnesia names A) and
+        # its journal carries Bob's presence out: both rows, and Carol, on A, gets it once.
+        node_b.start()
+        await until(lambda: node_b.cluster_nodes() == node_a.cluster_nodes() ==
+                    sorted([node_a.node_name, node_b.node_name]), "the cluster is whole")
+        await c.wait_for(lambda x: x.presences_from(BOB, "subscribe"), DEADLINE)
+        await until(lambda: journal_pending(node_b) == 0, "node B's journal is done")
+        assert rows(dsn, BOB, CAROL) == ("none", True, False)
+        assert rows(dsn, CAROL, BOB) == ("none", False, True)
+        [request] = c.presences_from(BOB, "subscribe")
+        assert request.status == "it's Bob"
+        # Carol approves, on A: Bob, on B again, hears of it from B's feed, once.
+        b = await connect(node_b, "bob", "b")
+        c.send_subscription(BOB, "subscribed")
+        await b.wait_for(lambda x: [p for p in x.pushes_for(CAROL)
+                                    if p.item.subscription == "to"], DEADLINE)
+        assert rows(dsn, BOB, CAROL) == ("to", False, False)
+        assert rows(dsn, CAROL, BOB) == ("from", False, False)
+        for client in (b, c):
+            await client.disconnect()
+
+    async def stopped_while_changes_are_made() -> None:
+        # Node B stops cleanly while Alice has a resource on each node; changes made through
+        # A and in SQL meanwhile are read by B's new cache when B is back.
+        a1 = await connect(node_a, "alice", "a1")
+        a2 = await connect(node_b, "alice", "a2")
+        await a2.roster_set(CAROL, name="Caro")
+        await a1.wait_for(lambda x: [p for p in x.pushes_for(CAROL) if p.item.name == "Caro"],
+                          DEADLINE)
+        node_b.stop()
+        await a2.disconnect()
+        await a1.roster_set(CAROL, name="Carol", groups=("Work",))
+        sql(dsn, "UPDATE roster_items SET name = 'Bobby' WHERE username = %s AND contact = %s",
+            (CAROL, BOB))
+        node_b.start()
+        await until(lambda: node_b.cluster_nodes() == sorted([node_a.node_name,
+                                                               node_b.node_name]),
+                    "the cluster is whole")
+        await a1.disconnect()
+        cluster = Cluster(node_a, node_b, dsn)
+        await cluster.login()
+        try:
+            await cluster.check()
+            # A change through the restarted node reaches the resource on the other once.
+            await cluster.a2.roster_set(CAROL, name="C.")
+            await cluster.a1.wait_for(lambda x: [p for p in x.pushes_for(CAROL)
+                                                 if p.item.name == "C."], DEADLINE)
+            await cluster.check()
+        finally:
+            await cluster.logout()
+
+    asyncio.run(killed_with_a_journalled_presence())
+    asyncio.run(stopped_while_changes_are_made())
