@@ -80,3 +80,29 @@ def connect(ejabberd: EjabberdServer):
 def run(coro):
     """Runs one test coroutine on a fresh event loop."""
     return asyncio.run(coro)
+
+
+@pytest.fixture
+def ejabberd_cluster(tmp_path: Path, pg_server):
+    """Two ejabberd nodes in one ejabberd cluster (node B joined node A's Mnesia as
+    `ejabberdctl join_cluster` does), both programs on one PostgreSQL schema; yields
+    (node_a, node_b, dsn). Accounts are cluster-wide: `node_a.register(...)` serves both."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    import json
+
+    schema = pg_server.create_schema()
+    # json.dumps of an ASCII text is a TOML basic string.
+    store = f'backend = "postgres"\ndsn = {json.dumps(pg_server.dsn(schema))}\n'
+    node_a = EjabberdServer(tmp_path / "node-a", store_section=store)
+    node_b = EjabberdServer(tmp_path / "node-b", store_section=store, cookie=node_a.cookie)
+    try:
+        node_a.start()
+        node_b.start()
+        node_b.join_cluster(node_a)
+        yield node_a, node_b, pg_server.dsn(schema)
+    finally:
+        node_b.stop()
+        node_a.stop()
+        pg_server.drop_schema(schema)

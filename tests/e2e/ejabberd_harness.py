@@ -302,6 +302,46 @@ modules:
         except FileNotFoundError:
             return 0
 
+    @property
+    def node_name(self) -> str:
+        """The Erlang node's full name (`-sname` on this machine's short host name)."""
+        return f"{self.node}@{socket.gethostname().split('.')[0]}"
+
+    def join_cluster(self, first: "EjabberdServer", timeout: float = 60.0) -> None:
+        """Makes this running node join `first`'s cluster as `ejabberdctl join_cluster` does
+        (ejabberd_admin:join_cluster/1: ejabberd stops here, this node's Mnesia is replaced by
+        a copy of `first`'s (accounts, sessions, routes: all cluster-wide from then on), and
+        ejabberd starts again). Opt-in: a server is a cluster of one unless this is called.
+        Both servers must have been made with the same `cookie`. Returns once each node lists
+        both in ejabberd_cluster:get_nodes() and this node's pool said hello again."""
+        if self.cookie != first.cookie:
+            raise ValueError("nodes of one cluster need the same cookie")
+        offset = self.log_size()
+        out = self.rpc(
+            "io:format(\"~p~n\", [rpc:call(Node, ejabberd_admin, join_cluster, "
+            f"[<<\"{first.node_name}\">>], {int(timeout * 1000)})])", timeout=timeout + 10)
+        if out.strip() != "ok":
+            raise RuntimeError(f"join_cluster {first.node_name} failed: {out.strip()}")
+        self.wait_for_log("speaks protocol", count=self.pool_size, offset=offset,
+                          timeout=timeout)
+        both = sorted([self.node_name, first.node_name])
+        _poll_until(lambda: self.cluster_nodes() == both == first.cluster_nodes(), timeout,
+                    lambda: f"the cluster is not {both}: {self.cluster_nodes()}")
+
+    def cluster_nodes(self) -> list[str]:
+        """The running nodes of this node's cluster (ejabberd_cluster:get_nodes/0), sorted."""
+        out = self.rpc('io:format("~s~n", [lists:join(" ", [atom_to_list(N) || N <- '
+                       'lists:sort(rpc:call(Node, ejabberd_cluster, get_nodes, []))])])')
+        return out.split()
+
+    def kill(self) -> None:
+        """Kills the VM (SIGKILL: no module stops, no Mnesia sync, sessions die with the TCP
+        connections) and its programs, which see EOF on stdin."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
     def rpc(self, erlang_expr: str, timeout: float = 30.0) -> str:
         """Evaluates `erlang_expr` (which may use the variable Node) from a hidden node and
         returns what it prints with io:format."""

@@ -3,9 +3,8 @@ program on PostgreSQL (tests/pg_cluster.py), slixmpp clients on each node.
 
 The two nodes are independent, NOT an ejabberd cluster: each is its own Erlang VM with its own
 node name, Mnesia (accounts), c2s port and mod_roster_port pool, and the only thing they share
-is the roster database. (Clustering two Debian ejabberd nodes in a test is possible, joining
-Mnesia with `ejabberdctl join_cluster`, but slow and fragile; and what this test is about does
-not need it: the roster state crossing nodes through the database and the change feed.)
+is the roster database: the roster state crosses nodes through the database and the change
+feed only. (tests/e2e/test_cluster.py runs two nodes joined with `ejabberdctl join_cluster`.)
 
 Both serve the same XMPP domain, `localhost`, with the same accounts registered on each: that
 is what makes the test meaningful. One user can then have a resource on each node, and a
