@@ -78,9 +78,13 @@
 %%%                                   or none
 %%%   {{roster, U}, ReadAt, Items}     the roster_get answer (any term)
 %%%   {{iq, U}, ReadAt, {Ver, Answer}} a roster IQ get's answer: its `ver`
-%%%                                   and the query to answer with (any
-%%%                                   term), or `nil` when the program only
-%%%                                   said that Ver is current
+%%%                                   and what to answer with (any term:
+%%%                                   roster_port_iq keeps the program's
+%%%                                   query and items, never what other
+%%%                                   roster_get handlers add, which
+%%%                                   changes without a write), or `nil`
+%%%                                   when the program only said that Ver
+%%%                                   is current
 %%%   {{contact, U, C}, LoadedAt, Info} one contact of a loaded roster
 %%% A contact absent under a valid load is not in U's store: {none, none, []}.
 %%% A contact record from another load (a reload raced with this one, or the

@@ -126,7 +126,8 @@ local_resources(LUser, LServer) ->
 effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) ->
     #jid{luser = LUser, lserver = LServer} = BareJID = effect_jid(User),
     _ = effect_jid(maps:get(<<"jid">>, Item, undefined)),
-    Query = roster_port_wire:roster_query([Item], maps:get(<<"ver">>, E, nil)),
+    %% The item and ver as the composed roster has them (mod_shared_roster...).
+    Query = roster_port_compose:push_query(LServer, LUser, Item, maps:get(<<"ver">>, E, nil)),
     lists:foreach(
       fun(Resource) ->
               ejabberd_router:route(

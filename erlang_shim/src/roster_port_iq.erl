@@ -6,6 +6,9 @@
 %%% get of one's own roster is answered from the exact cache when it can,
 %%% and must never be answered from it once anything can have changed the
 %%% roster since it was read (roster_port_cache; README, "The read cache").
+%%% A get's answer is the program's roster composed with what other
+%%% roster_get handlers add (roster_port_compose); only the program's part
+%%% is ever cached.
 -module(roster_port_iq).
 
 -export([process_iq/1]).
@@ -31,30 +34,54 @@ process_iq(#iq{from = From, to = To, lang = Lang} = IQ) ->
 %% the roster since (roster_port_cache). A client whose ver is the cached
 %% one gets an empty result, as the program would answer. A miss asks the
 %% program and keeps its answer, and its items as the roster_get hook's.
+%%
+%% While another roster_get handler runs (mod_shared_roster, mod_mix_pam),
+%% the answer is the composed roster (roster_port_compose), made at each get
+%% from the program's items: what those handlers add changes without any
+%% write to the program's store, so only the program's part is cached, and
+%% the program is always asked for its whole roster (the client's ver is the
+%% composed one, which only the composition can check).
 process_roster_iq(#iq{type = get, to = #jid{luser = LUser, lserver = LServer},
                       sub_els = [#roster_query{items = [], ver = Ver}]} = IQ,
                   false = RemoteAccess) ->
     Cache = roster_port_pool:cache(LServer),
     User = <<LUser/binary, "@", LServer/binary>>,
     ClientVer = roster_port_wire:nil_if_undefined(Ver),
+    Composing = roster_port_compose:active(LServer),
     case roster_port_cache:lookup_iq(Cache, User) of
-        {ok, {CachedVer, _}} when is_binary(CachedVer), CachedVer == ClientVer ->
+        {ok, {CachedVer, _}} when not Composing, is_binary(CachedVer),
+                                  CachedVer == ClientVer ->
             xmpp:make_iq_result(IQ);
-        {ok, {_, Query}} when Query /= nil ->
-            xmpp:make_iq_result(IQ, Query);
+        {ok, {CachedVer, {_Query, _Items, _Approved} = Answer}} ->
+            answer(IQ, Composing, CachedVer, Answer);
         _ ->
             %% Taken before the request is sent: see roster_port_cache.
             ReadAt = roster_port_cache:stamp(),
-            roster_iq_call(IQ, RemoteAccess, {Cache, User, ReadAt})
+            roster_iq_call(IQ, RemoteAccess, {Cache, User, ReadAt}, Composing)
     end;
-process_roster_iq(#iq{sub_els = [#roster_query{}]} = IQ, RemoteAccess) ->
-    roster_iq_call(IQ, RemoteAccess, no_cache);
+process_roster_iq(#iq{type = Type, to = #jid{lserver = LServer},
+                      sub_els = [#roster_query{}]} = IQ, RemoteAccess) ->
+    roster_iq_call(IQ, RemoteAccess, no_cache,
+                   Type == get andalso roster_port_compose:active(LServer));
 process_roster_iq(#iq{lang = Lang} = IQ, _RemoteAccess) ->
     xmpp:make_error(IQ, xmpp:err_bad_request(?T("Malformed roster query"), Lang)).
 
+%% The answer to a get from the program's read (ProgramVer, {Query, Items,
+%% Approved}): the program's query, or the composed roster.
+answer(IQ, false, _ProgramVer, {Query, _Items, _Approved}) ->
+    xmpp:make_iq_result(IQ, Query);
+answer(#iq{to = #jid{luser = LUser, lserver = LServer},
+           sub_els = [#roster_query{ver = Ver, mix_annotate = Mix}]} = IQ,
+       true, ProgramVer, {Query, Items, Approved}) ->
+    case roster_port_compose:iq_answer(LServer, LUser, roster_port_wire:nil_if_undefined(Ver),
+                                       {ProgramVer, {Query, Items, Approved}}, Mix == true) of
+        current -> xmpp:make_iq_result(IQ);
+        {_ComposedVer, Composed} -> xmpp:make_iq_result(IQ, Composed)
+    end.
+
 roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
                    sub_els = [#roster_query{items = Items, ver = Ver}]} = IQ,
-               RemoteAccess, CacheAs) ->
+               RemoteAccess, CacheAs, Composing) ->
     #jid{luser = LUser, lserver = LServer} = To,
     Access = case Type of
                  set ->
@@ -67,16 +94,22 @@ roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
              <<"remote_access">> => RemoteAccess,
              <<"type">> => atom_to_binary(Type),
              <<"items">> => [roster_port_wire:client_item(I) || I <- Items],
-             <<"ver">> => roster_port_wire:nil_if_undefined(Ver),
+             <<"ver">> => case Composing of
+                              true -> nil;
+                              false -> roster_port_wire:nil_if_undefined(Ver)
+                          end,
              <<"access">> => atom_to_binary(Access)},
     case roster_port_call:call(LServer, LUser, <<"roster_iq">>, Args) of
         {ok, #{<<"items">> := WireItems} = R} when Type == get, is_list(WireItems) ->
             RosterItems = roster_port_call:roster_items(
                             <<"roster_iq item">>, <<LUser/binary, "@", LServer/binary>>,
                             WireItems),
-            Query = roster_port_wire:roster_query(WireItems, RosterItems, maps:get(<<"ver">>, R, nil)),
-            keep_iq_answer(CacheAs, R, Query, RosterItems),
-            xmpp:make_iq_result(IQ, Query);
+            ProgramVer = maps:get(<<"ver">>, R, nil),
+            Query = roster_port_wire:roster_query(WireItems, RosterItems, ProgramVer),
+            Answer = {Query, RosterItems,
+                      [W || #{<<"approved">> := true} = W <- WireItems]},
+            keep_iq_answer(CacheAs, R, Answer, RosterItems),
+            answer(IQ, Composing, ProgramVer, Answer);
         {ok, R} when Type == get ->
             keep_iq_answer(CacheAs, R, nil, nil),
             xmpp:make_iq_result(IQ);
@@ -99,12 +132,12 @@ roster_iq_call(#iq{type = Type, from = From, to = To, lang = Lang,
 %% (versioning off) are answered to every get. The items are the
 %% roster_get hook's answer too: the program reads both from the same rows
 %% (a roster get's items are exactly roster_get's).
-keep_iq_answer({Cache, User, ReadAt}, R, Query, RosterItems)
-  when is_binary(map_get(<<"ver">>, R)); Query /= nil ->
+keep_iq_answer({Cache, User, ReadAt}, R, Answer, RosterItems)
+  when is_binary(map_get(<<"ver">>, R)); Answer /= nil ->
     Ver = maps:get(<<"ver">>, R, nil),
     case maps:get(<<"effects">>, R, []) of
-        [] -> roster_port_cache:store_iq(Cache, User, ReadAt, {Ver, Query}, RosterItems);
+        [] -> roster_port_cache:store_iq(Cache, User, ReadAt, {Ver, Answer}, RosterItems);
         _ -> ok
     end;
-keep_iq_answer(_CacheAs, _R, _Query, _RosterItems) ->
+keep_iq_answer(_CacheAs, _R, _Answer, _RosterItems) ->
     ok.

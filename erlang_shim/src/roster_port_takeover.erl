@@ -22,7 +22,15 @@
 %%%   - Whatever else changes the tables (another db_type, a module that
 %%%     adds mod_roster's handlers itself), a check every CHECK_MS repairs
 %%%     it: at most CHECK_MS of double hooks.
-%%% Each repair is logged as a warning naming what was found. Checking is
+%%% Each repair is logged as a warning naming what was found.
+%%%
+%%% mod_shared_roster's roster_out_subscription handler (sequence 30) is
+%%% taken over too while mod_shared_roster is loaded: it is replaced by
+%%% roster_port_shared_roster's, which keeps only its membership decision
+%%% (see there why). Invariant: mod_shared_roster loaded on Host -> ours at
+%%% 30 and not theirs; not loaded -> not ours. mod_shared_roster may start
+%%% after mod_roster_port, or be restarted: the same check every CHECK_MS
+%%% repairs it (logged at info: that is no undoing by anyone). Checking is
 %%% a few ETS lookups (ejabberd_hooks' `hooks` table and gen_iq_handler's
 %%% `ejabberd_sm` table are readable by any process); repairing goes
 %%% through ejabberd_hooks:add/delete, which are idempotent.
@@ -74,7 +82,34 @@ take_over(Host) ->
       end, ?TAKEN_OVER),
     ejabberd_hooks:add(user_send_packet, Host, ?HOOKS, user_send_packet, ?SEND_SEQ),
     {M, F} = ?IQ_HANDLER,
-    gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_ROSTER, M, F).
+    gen_iq_handler:add_iq_handler(ejabberd_sm, Host, ?NS_ROSTER, M, F),
+    take_over_shared_roster(Host).
+
+-define(SHARED_HOOK, roster_out_subscription).
+-define(SHARED_SEQ, 30).
+-define(SHARED_THEIRS, {?SHARED_SEQ, mod_shared_roster, out_subscription}).
+-define(SHARED_OURS, {?SHARED_SEQ, roster_port_shared_roster, out_subscription}).
+
+take_over_shared_roster(Host) ->
+    {_, TheirM, TheirF} = ?SHARED_THEIRS,
+    {_, OurM, OurF} = ?SHARED_OURS,
+    case gen_mod:is_loaded(Host, mod_shared_roster) of
+        true ->
+            ejabberd_hooks:delete(?SHARED_HOOK, Host, TheirM, TheirF, ?SHARED_SEQ),
+            ejabberd_hooks:add(?SHARED_HOOK, Host, OurM, OurF, ?SHARED_SEQ);
+        false ->
+            ejabberd_hooks:delete(?SHARED_HOOK, Host, OurM, OurF, ?SHARED_SEQ)
+    end,
+    ok.
+
+%% Whether mod_shared_roster's handler is as take_over_shared_roster/1 leaves it.
+shared_roster_broken(Host) ->
+    Ls = handlers(?SHARED_HOOK, Host),
+    Ours = lists:member(?SHARED_OURS, Ls),
+    case gen_mod:is_loaded(Host, mod_shared_roster) of
+        true -> lists:member(?SHARED_THEIRS, Ls) orelse not Ours;
+        false -> Ours
+    end.
 
 %% @doc mod_roster gets its hooks back when it is loaded. The IQ handler:
 %% with KeepIQ, ours stays (mod_roster_port stopped alone: mod_roster's
@@ -85,6 +120,11 @@ take_over(Host) ->
 -spec give_back(binary(), boolean()) -> ok.
 give_back(Host, KeepIQ) ->
     ejabberd_hooks:delete(user_send_packet, Host, ?HOOKS, user_send_packet, ?SEND_SEQ),
+    {_, OurM, OurF} = ?SHARED_OURS,
+    ejabberd_hooks:delete(?SHARED_HOOK, Host, OurM, OurF, ?SHARED_SEQ),
+    {_, TheirM, TheirF} = ?SHARED_THEIRS,
+    gen_mod:is_loaded(Host, mod_shared_roster) andalso
+        ejabberd_hooks:add(?SHARED_HOOK, Host, TheirM, TheirF, ?SHARED_SEQ),
     ModRosterLoaded = gen_mod:is_loaded(Host, mod_roster),
     lists:foreach(
       fun({Hook, Theirs, Ours}) ->
@@ -175,6 +215,7 @@ handle_cast(mod_roster_started, State) ->
 handle_info(check, State) ->
     erlang:send_after(?CHECK_MS, self(), check),
     _ = repair(State),
+    repair_shared_roster(State),
     {noreply, State};
 handle_info(fast_check, #{fast_until := Until} = State) when is_integer(Until) ->
     Repaired = repair(State),
@@ -207,6 +248,20 @@ repair(#{host := Host}) ->
         end
     catch exit:_ -> [];
           error:badarg -> []
+    end.
+
+repair_shared_roster(#{host := Host}) ->
+    try shared_roster_broken(Host) andalso
+            begin
+                take_over_shared_roster(Host),
+                ?INFO_MSG("roster-port ~ts: mod_shared_roster's roster_out_subscription "
+                          "handler ~ts", [Host, case gen_mod:is_loaded(Host, mod_shared_roster) of
+                                                    true -> "taken over (membership decision only)";
+                                                    false -> "given back (mod_shared_roster stopped)"
+                                                end])
+            end
+    catch exit:_ -> false;
+          error:badarg -> false
     end.
 
 describe(What) ->
