@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from psycopg.conninfo import conninfo_to_dict
 from conftest import PASSWORD, run
 from ejabberd_harness import EJABBERD_LIBS, SHIM_EBIN, EjabberdServer
 from test_ejabberd_schema_e2e import ejabberd_database  # noqa: F401 - a fixture
+from test_journal import (CALL_TIMEOUT_MS, journalled, program_pid, sent_to_program, until,
+                          until_journal, worker_of)
 from xmpp_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -181,3 +185,50 @@ def test_a_mapped_ejabberd_schema_store_keeps_the_status_text(tmp_path: Path,
         assert [text for _, text in seen["statuses"]] == ["Let me in"]
     finally:
         node.stop()
+
+
+def test_a_request_journalled_while_the_program_is_frozen_is_delivered_whole(tmp_path: Path):
+    """The journal keeps the hook's args, `request_elements` included: a request whose
+    application waited for the journal (the user's program frozen, then restarted as hung) is
+    delivered as it came when the journal carries it out (roster_port_effects, late delivery)."""
+    if shutil.which("erl") is None or not any(EJABBERD_LIBS.glob("ejabberd-*")):
+        pytest.skip("ejabberd 23.01 is not installed (scripts/bootstrap installs it)")
+    server = EjabberdServer(tmp_path / "ejabberd", pool_size=2,
+                            call_timeout_ms=CALL_TIMEOUT_MS)
+    server.start()
+    try:
+        # bob: a user served by the other worker than alice's, whose program stays up.
+        names = [f"bob{index}" for index in range(8)]
+        workers = worker_of(server, ["alice", *names])
+        bob = next(name for name in names if workers[name] != workers["alice"])
+        server.register("alice", bob, password=PASSWORD)
+        bob_jid = f"{bob}@localhost"
+
+        async def scenario():
+            user = Client("alice@localhost/t", PASSWORD, server.c2s_port)
+            contact = Client(f"{bob_jid}/t", PASSWORD, server.c2s_port)
+            await user.connect()
+            await contact.connect()
+            try:
+                pid = program_pid(server, workers["alice"])
+                os.kill(pid, signal.SIGSTOP)
+                offset = server.log_size()
+                contact.send_presence_with("alice@localhost", "subscribe", REQUEST)
+                await journalled(server, offset)
+                assert user.presences_from(bob_jid, "subscribe") == []
+                # Frozen until the shim kills it as hung and starts another; then the journal
+                # applies the request and delivers it.
+                await until(lambda: program_pid(server, workers["alice"]) not in (None, pid))
+                await until_journal(server, lambda status: status["pending"] == 0)
+                return view(await first_subscribe(user, bob_jid))
+            finally:
+                user.xmpp.disconnect()
+                contact.xmpp.disconnect()
+
+        assert run(scenario()) == WHOLE
+        # What the journal sent again (once or more: retried while no program answered).
+        replays = [args for args in sent_to_program(server, "in_subscription")
+                   if args.get("replay")]
+        assert replays and all(len(args["request_elements"]) == 4 for args in replays)
+    finally:
+        server.stop()
