@@ -32,6 +32,11 @@
     max_group_length = 1024      # characters in a group name
     max_status_length = 1024     # characters of a subscription request's text kept (longer
                                  # texts are cut)
+    max_request_bytes = 16384    # bytes of a subscription request kept whole besides its text
+                                 # (its statuses with their languages, its extended content:
+                                 # RFC 6121 3.1.3); elements over it are dropped whole, logged
+    max_request_elements = 32    # elements of one such request kept (the shim's bounds are
+                                 # the same defaults: a larger value changes nothing)
     max_frame_bytes = 8388608    # largest request frame accepted
 
     [serve]
@@ -80,6 +85,8 @@ class Limits:
     max_groups: int = 64
     max_group_length: int = 1024
     max_status_length: int = 1024
+    max_request_bytes: int = 16 * 1024
+    max_request_elements: int = 32
     max_frame_bytes: int = 8 * 1024 * 1024
 
 
@@ -146,6 +153,8 @@ def parse_config(data: dict[str, Any], *, source: str = "<string>", base_dir: Pa
     if limits.max_groups > MAX_GROUPS:
         # A request's arrays are bounded at decoding (messages.py) before the op is known.
         raise ConfigError(f"{source}: [limits].max_groups must be at most {MAX_GROUPS}")
+    if limits.max_request_elements > MAX_GROUPS:
+        raise ConfigError(f"{source}: [limits].max_request_elements must be at most {MAX_GROUPS}")
     serve = _section(ServeConfig, data.get("serve", {}), f"{source}: [serve]")
     if serve.threads > MAX_THREADS:
         raise ConfigError(f"{source}: [serve].threads must be at most {MAX_THREADS}")

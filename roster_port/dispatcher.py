@@ -85,15 +85,30 @@ def _presence_type_arg(args: dict[str, Any]) -> str:
     return presence_type
 
 
+def _request_elements_arg(args: dict[str, Any]) -> list[Any] | None:
+    """An inbound subscribe's request whole (docs/protocol.md), or None when the shim sent
+    none. Not a list: logged and taken as a request without elements, since refusing the
+    presence would lose the request; its entries are bounded by roster.subscription."""
+    elements = args.get("request_elements")
+    if elements is None or isinstance(elements, list):
+        return elements
+    log.warning("request_elements of a subscription from %s is %s, not a list: ignored",
+                shown(args.get("contact")), type(elements).__name__)
+    return []
+
+
 def _subscription_handler(direction: Direction) -> Handler:
     def handle(txn: RosterTxn, rules: Rules, args: dict[str, Any]) -> Outcome:
         event = Event(direction, _presence_type_arg(args))
         replay = args.get("replay", False)
         if type(replay) is not bool:
             raise ProtocolError("bad_request", "replay must be true or false")
+        # An outbound request is routed as it came (the shim keeps it in its journal); only
+        # the contact's server keeps it.
+        elements = _request_elements_arg(args) if direction is Direction.IN else None
         return roster.subscription(
             txn, rules, _contact_arg(args), event, _text_arg(args, "status", optional=True),
-            replayed=replay,
+            elements=elements, replayed=replay,
         )
 
     return handle

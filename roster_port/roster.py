@@ -116,6 +116,11 @@ def row_from_record(record: dict[str, Any], old: RosterRow | None) -> RosterRow:
     if type(subscription) is not str or subscription not in ("none", "to", "from", "both"):
         raise errors.bad_request(f"unknown subscription {errors.shown(subscription)}")
     pending_out, pending_in = _PENDING_OF_ASK[ask]
+    request_text = _text(record.get("askmessage"), "askmessage")
+    # `#roster{}` cannot hold the request's extended content: a record that keeps the stored
+    # request (still pending in, the same text) keeps it, any other loses it.
+    keeps_request = (old is not None and old.pending_in and pending_in
+                     and old.request_text == request_text)
     name = _text(record.get("name"), "name")
     groups = tuple(_groups(record.get("groups")))
     approved = _flag(record, "approved", old.approved if old else False)
@@ -131,7 +136,8 @@ def row_from_record(record: dict[str, Any], old: RosterRow | None) -> RosterRow:
         approved=approved,
         in_roster=_flag(record, "in_roster", kept_in_roster),
         groups=groups,
-        request_text=_text(record.get("askmessage"), "askmessage"),
+        request_text=request_text,
+        request_elements=old.request_elements if keeps_request else (),
     )
 
 
@@ -280,6 +286,29 @@ def _request_text(status: str | None, limits: Limits) -> str:
     return text
 
 
+def _request_elements(elements: list[Any], limits: Limits, user: str, contact: str
+                      ) -> tuple[str, ...]:
+    """A subscription request's elements as kept: a remote server may send any number and
+    size, and refusing them would lose the request, so at most `max_request_elements` are
+    kept, in order, and an element that is no text or would take the total over
+    `max_request_bytes` (UTF-8) is dropped whole (never cut: half an element is no XML)."""
+    kept: list[str] = []
+    room = limits.max_request_bytes
+    dropped = max(0, len(elements) - limits.max_request_elements)
+    for element in elements[: limits.max_request_elements]:
+        size = len(element.encode("utf-8", errors="replace")) if type(element) is str else None
+        if size is None or size > room or _FORBIDDEN_IN_REQUEST_TEXT.search(element):
+            dropped += 1
+            continue
+        kept.append(element)
+        room -= size
+    if dropped:
+        log.warning("%s: the subscription request of %s is kept without %d of its %d elements "
+                    "(over [limits] max_request_bytes/max_request_elements, or not text)",
+                    user, contact, dropped, len(elements))
+    return tuple(kept)
+
+
 def _cancel_both_directions(user: str, row: RosterRow) -> list[Effect]:
     """What U sends C when C leaves U's roster: cancel U's subscription and C's (RFC 6121 2.5.2)."""
     effects: list[Effect] = []
@@ -311,12 +340,17 @@ def subscription(
     event: Event,
     status: str | None,
     *,
+    elements: list[Any] | None = None,
     replayed: bool = False,
 ) -> Outcome:
     """A subscription presence between U (`txn.user`) and `contact`, in either direction.
 
     The result says, for an inbound presence, whether to deliver it to U's clients and, for an
     outbound one, whether it may go on to the contact (a pre-approval may not).
+
+    `elements`: an inbound `subscribe`'s request whole (its statuses with their languages, its
+    extended content), kept with the pending request when the store can; None when the shim
+    sent none (an older shim: the request's text only, as before).
 
     `replayed`: the shim sends the presence again because it never got the first answer, which
     may have been applied (subscription.step). An inbound one that the stored state shows
@@ -353,15 +387,24 @@ def subscription(
         if why := _full(txn, rules, request=not becomes_an_item):
             log.warning("%s: %s; %s with %s not applied", txn.user, why, event, contact)
             return Outcome({answer_key: False})
+    request_elements = row.request_elements
     if not new.pending_in:
-        request_text = ""
+        request_text, request_elements = "", ()
+    elif elements is not None and event == Event(Direction.IN, "subscribe"):
+        # The request as it came, new or a repeat: the newest one is kept whole (a contact's
+        # client sends a subscribe again with what it means now, a XEP-0379 token that the
+        # first one's no longer is). A repeat changes nothing else: the table's cell is "no
+        # change" (no push), and a replay of the same presence writes nothing.
+        request_text = _request_text(status, rules.limits)
+        request_elements = (_request_elements(elements, rules.limits, txn.user, contact)
+                            if txn.keeps_request_elements else ())
     elif not moved.old.pending_in or (
         event == Event(Direction.IN, "subscribe") and status and not row.request_text
     ):
         # A new request; or a repeat bringing the text the stored request lacks (with mutual
         # rows, the contact's own write stored the request before its presence arrived). A
         # repeat changes nothing else: the table's cell is "no change".
-        request_text = _request_text(status, rules.limits)
+        request_text, request_elements = _request_text(status, rules.limits), ()
     else:
         request_text = row.request_text
     updated = row.evolve(
@@ -371,6 +414,7 @@ def subscription(
         approved=new.approved,
         in_roster=in_roster,
         request_text=request_text,
+        request_elements=request_elements,
     )
 
     effects: list[Effect] = []
@@ -404,11 +448,35 @@ def jid_info(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:
     )
 
 
+# What one pending_in answer carries of the requests' elements in all: up to
+# max_pending_requests requests of max_request_bytes each would not fit in a frame the shim
+# reads, and an answer it cannot take would deliver no request at all. Past it, requests go
+# with their text only (logged).
+PENDING_ELEMENTS_BYTES = 2 * 1024 * 1024
+
+
 def pending_requests(txn: RosterTxn, rules: Rules) -> Outcome:
-    """Inbound requests U has not answered, to re-send at U's first available presence."""
-    requests = [
-        {"from": row.contact, "status": row.request_text} for row in txn.rows() if row.pending_in
-    ]
+    """Inbound requests U has not answered, to re-send at U's first available presence, each
+    as it came when the store kept it whole (`request_elements`), otherwise with its text."""
+    requests = []
+    room = PENDING_ELEMENTS_BYTES
+    cut = 0
+    for row in txn.rows():
+        if not row.pending_in:
+            continue
+        request: dict[str, Any] = {"from": row.contact, "status": row.request_text}
+        if row.request_elements:
+            size = sum(len(element.encode("utf-8", errors="replace"))
+                       for element in row.request_elements)
+            if size <= room:
+                request["request_elements"] = list(row.request_elements)
+                room -= size
+            else:
+                cut += 1
+        requests.append(request)
+    if cut:
+        log.warning("%s: %d pending requests re-sent with their text only: their elements "
+                    "would take the answer over %d bytes", txn.user, cut, PENDING_ELEMENTS_BYTES)
     return Outcome({"requests": requests})
 
 

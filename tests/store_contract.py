@@ -104,9 +104,38 @@ roster_rows = st.builds(
     # Sorted: group order is not kept by every adapter (see base.RosterRow).
     groups=st.lists(xmpp_text, max_size=8, unique=True).map(sorted).map(tuple),
     request_text=xmpp_text,
+    request_elements=st.just(()),  # rows_with_requests below: not every store keeps them
 )
 
 _property_users = (f"property-{index}@example.com" for index in itertools.count())
+
+# A pending request kept whole (RFC 6121 3.1.3; base.RosterRow.request_elements): what the shim
+# sends of a subscribe with two status languages, a XEP-0172 nick and a XEP-0379 preauth.
+WHOLE_REQUEST = RosterRow(
+    contact="romeo@montague.lit",
+    pending_in=True,
+    in_roster=False,
+    request_text="Let me in",
+    request_elements=(
+        "<status xml:lang='en'>Let me in</status>",
+        "<status xml:lang='de'>Lass mich &lt;rein&gt; — bitte</status>",
+        "<nick xmlns='http://jabber.org/protocol/nick'>Romeo 🌹</nick>",
+        "<preauth xmlns='urn:xmpp:pars:0' token='8ZgnL2h6'/>",
+    ),
+)
+
+rows_with_requests = st.builds(
+    lambda row, elements: row.evolve(request_elements=tuple(elements)),
+    roster_rows,
+    st.lists(xmpp_text, max_size=5),
+)
+
+
+def as_kept(store: RosterStore, row: RosterRow) -> RosterRow:
+    """`row` as `store` can keep it: a store that keeps no whole requests keeps their text."""
+    with store.snapshot(ALICE) as txn:
+        keeps = txn.keeps_request_elements
+    return row if keeps else row.evolve(request_elements=())
 
 
 # --- Concurrency worker (runs in other processes: must stay importable at module level) -----
@@ -175,6 +204,44 @@ class StoreContract:
             assert txn.count_requests() == sum(1 for row in rows if not row.in_roster)
             for row in rows:
                 assert txn.get(row.contact) == row
+
+    def test_a_whole_request_round_trips_as_far_as_the_store_keeps_it(self, store):
+        put_rows(store, ALICE, WHOLE_REQUEST)
+        expected = as_kept(store, WHOLE_REQUEST)
+        with store.snapshot(ALICE) as txn:
+            assert txn.get(WHOLE_REQUEST.contact) == expected
+            assert txn.rows() == [expected]
+        # Its text is kept by every store, whole request or not.
+        assert expected.request_text == "Let me in"
+
+    def test_a_whole_request_is_replaced_by_a_newer_one_and_cleared_with_it(self, store):
+        put_rows(store, ALICE, WHOLE_REQUEST)
+        newer = WHOLE_REQUEST.evolve(request_text="", request_elements=(
+            "<preauth xmlns='urn:xmpp:pars:0' token='newer'/>",))
+        put_rows(store, ALICE, newer)
+        assert read_rows(store, ALICE) == [as_kept(store, newer)]
+        answered = newer.evolve(subscription="from", pending_in=False, in_roster=True,
+                                request_elements=())
+        put_rows(store, ALICE, answered)
+        assert read_rows(store, ALICE) == [answered]
+
+    def test_writing_only_a_whole_request_moves_the_version_where_it_is_kept(self, store):
+        before = put_rows(store, ALICE, WHOLE_REQUEST.evolve(request_elements=()))
+        after = put_rows(store, ALICE, WHOLE_REQUEST)
+        with store.snapshot(ALICE) as txn:
+            keeps = txn.keeps_request_elements
+        # A store that keeps it changed a row; one that does not may still count a write.
+        assert after != before or not keeps
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(rows=st.lists(rows_with_requests, max_size=4, unique_by=lambda row: row.contact))
+    def test_any_rows_with_whole_requests_round_trip(self, store, rows):
+        user = next(_property_users)
+        put_rows(store, user, *rows)
+        expected = sorted((as_kept(store, row) for row in rows), key=lambda row: row.contact)
+        with store.snapshot(user) as txn:
+            assert txn.rows() == expected
 
     def test_put_replaces_the_row_of_the_same_contact(self, store):
         put_rows(store, ALICE, FULL_ROW)

@@ -54,11 +54,9 @@ roster_get(Acc, {LUser, LServer}) ->
 %% An inbound subscription presence: delivered now if the program applied
 %% it and says so; one that cannot be applied now is journalled and
 %% delivered by the journal once applied (roster_port_call:subscription/5).
-in_subscription(_Acc, #presence{from = From, to = To, type = Type} = Pres) ->
+in_subscription(_Acc, #presence{from = From, to = To} = Pres) ->
     #jid{luser = LUser, lserver = LServer} = To,
-    Args = #{<<"contact">> => roster_port_wire:bare(From),
-             <<"type">> => atom_to_binary(Type),
-             <<"status">> => roster_port_wire:status(Pres)},
+    Args = subscription_args(From, To, Pres),
     case roster_port_call:subscription(LServer, LUser, <<"in_subscription">>, Args,
                                        fun(Result) -> maps:get(<<"deliver">>, Result, false) end) of
         {done, Deliver} -> Deliver == true;
@@ -127,10 +125,33 @@ forward_out_subscription(LServer, LUser, Pres) ->
       LServer, LUser, <<"out_subscription">>, subscription_args(Pres),
       fun(Result) -> roster_port_effects:route_subscription(LServer, Pres, Result) end).
 
-subscription_args(#presence{to = To, type = Type} = Pres) ->
-    #{<<"contact">> => roster_port_wire:bare(To),
-      <<"type">> => atom_to_binary(Type),
-      <<"status">> => roster_port_wire:status(Pres)}.
+subscription_args(#presence{from = From, to = To} = Pres) ->
+    subscription_args(To, From, Pres).
+
+%% A subscription presence between the user and Contact, as the program's
+%% args. A subscribe also carries the request whole (`request_elements`:
+%% its statuses with their languages, its extended content), which the
+%% program keeps to deliver at login (RFC 6121 3.1.3) and the journal keeps
+%% to deliver or route it later as it came; bounded (roster_port_wire), what
+%% is over is dropped whole and logged. The live stanza is not touched: what
+%% ejabberd delivers or routes now is the presence as it came.
+subscription_args(Contact, User, #presence{type = Type} = Pres) ->
+    Args = #{<<"contact">> => roster_port_wire:bare(Contact),
+             <<"type">> => atom_to_binary(Type),
+             <<"status">> => roster_port_wire:status(Pres)},
+    case Type of
+        subscribe ->
+            {Elements, Dropped} = roster_port_wire:request_elements(Pres),
+            Dropped > 0 andalso
+                ?WARNING_MSG("roster-port: the subscription request between ~ts and ~ts is "
+                             "kept without ~B of its elements: over the bounds of a kept "
+                             "request (it is delivered now as it came)",
+                             [roster_port_wire:bare(User), roster_port_wire:bare(Contact),
+                              Dropped]),
+            Args#{<<"request_elements">> => Elements};
+        _ ->
+            Args
+    end.
 
 %% The error presence a client gets for an outgoing subscription presence
 %% that was not applied and will not be.
@@ -199,7 +220,9 @@ remove_user(User, Server) ->
     end.
 
 %% On the first available presence (priority >= 0) of a session, re-send the
-%% stored inbound subscription requests to that session.
+%% stored inbound subscription requests to that session, each as it came
+%% (every status with its language, the extended content) when the program
+%% kept it whole, otherwise with its status text.
 c2s_self_presence({_, #{pres_last := _}} = Acc) ->
     Acc;
 c2s_self_presence({#presence{type = available, priority = Prio} = Pres,
@@ -212,10 +235,17 @@ c2s_self_presence({#presence{type = available, priority = Prio} = Pres,
             roster_port_call:log_skipped(<<"pending_in request">>, roster_port_wire:bare(JID),
                                          Skipped),
             State1 = lists:foldl(
-                       fun({From, Status}, S) ->
+                       fun({From, Statuses, SubEls, Dropped}, S) ->
+                               Dropped > 0 andalso
+                                   ?WARNING_MSG("roster-port: the stored subscription request "
+                                                "of ~ts to ~ts is delivered without ~B of its "
+                                                "elements (unreadable or over the bounds)",
+                                                [roster_port_wire:bare(From),
+                                                 roster_port_wire:bare(JID), Dropped]),
                                ejabberd_c2s:send(S, #presence{from = From, to = BareJID,
                                                               type = subscribe,
-                                                              status = Status})
+                                                              status = Statuses,
+                                                              sub_els = SubEls})
                        end, State, Valid),
             {Pres, State1};
         _ ->

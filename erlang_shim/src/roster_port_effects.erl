@@ -243,9 +243,8 @@ replay1(LServer, LUser, User, Op, Args, Request) ->
 
 carry_out(LServer, <<"out_subscription">>, #{<<"user">> := User, <<"contact">> := Contact,
                                              <<"type">> := Type} = Args, Result) ->
-    Pres = #presence{from = jid:decode(User), to = jid:decode(Contact),
-                     type = roster_port_wire:presence_type(Type),
-                     status = roster_port_wire:text(maps:get(<<"status">>, Args, nil))},
+    Pres = journalled_presence(Args, #presence{from = jid:decode(User), to = jid:decode(Contact),
+                                               type = roster_port_wire:presence_type(Type)}),
     route_subscription(LServer, xmpp:put_meta(Pres, roster_port_forwarded, true), Result);
 carry_out(_LServer, <<"in_subscription">>, Args, Result) ->
     case maps:get(<<"deliver">>, Result, false) of
@@ -259,8 +258,8 @@ carry_out(_LServer, <<"in_subscription">>, Args, Result) ->
 deliver_late_presence(#{<<"user">> := User, <<"contact">> := Contact,
                         <<"type">> := Type} = Args) ->
     #jid{luser = LUser, lserver = LServer} = UserJID = jid:decode(User),
-    Pres = #presence{from = jid:decode(Contact), type = roster_port_wire:presence_type(Type),
-                     status = roster_port_wire:text(maps:get(<<"status">>, Args, nil))},
+    Pres = journalled_presence(Args, #presence{from = jid:decode(Contact),
+                                               type = roster_port_wire:presence_type(Type)}),
     lists:foreach(
       fun({_Prio, Resource}) ->
               case ejabberd_sm:get_session_pid(LUser, LServer, Resource) of
@@ -271,3 +270,18 @@ deliver_late_presence(#{<<"user">> := User, <<"contact">> := Contact,
                       ok
               end
       end, ejabberd_sm:get_user_present_resources(LUser, LServer)).
+
+%% A journalled subscription presence rebuilt as it came: a subscribe with
+%% its request whole (`request_elements`, mod_roster_port_hooks), any other
+%% with its status text. An entry journalled by an older shim has only the
+%% status text.
+journalled_presence(Args, Pres) ->
+    {Statuses, SubEls, Dropped} =
+        roster_port_wire:request_content(maps:get(<<"status">>, Args, nil),
+                                         maps:get(<<"request_elements">>, Args, [])),
+    Dropped > 0 andalso
+        ?WARNING_MSG("roster-port: a journalled ~ts between ~ts and ~ts is carried out "
+                     "without ~B of its elements (unreadable)",
+                     [maps:get(<<"type">>, Args, <<"?">>), maps:get(<<"user">>, Args, <<"?">>),
+                      maps:get(<<"contact">>, Args, <<"?">>), Dropped]),
+    Pres#presence{status = Statuses, sub_els = SubEls}.

@@ -15,6 +15,16 @@
 %%% (roster_items/1, records/3, jid_info_entries/1, pending_requests/1) return
 %%% what they could convert and, apart, the JIDs they skipped, for the caller
 %%% to log (printable/1) and serve the rest.
+%%%
+%%% Subscription requests kept whole (RFC 6121 3.1.3: "the complete presence
+%%% stanza ..., including any extended content"): request_elements/1 turns a
+%%% presence's statuses (each with its xml:lang) and extended content into
+%%% the protocol's `request_elements`, one serialised XML element each, in
+%%% order; request_content/2 turns them back into statuses and sub-elements.
+%%% Both keep at most ?MAX_REQUEST_ELEMENTS elements of at most
+%%% ?MAX_REQUEST_BYTES in all, dropping what is over whole (never half an
+%%% element), and say how many they dropped: a remote server may send any
+%%% request, and the store may hold anything another application wrote.
 -module(roster_port_wire).
 
 -export([bare/1,
@@ -29,6 +39,8 @@
          printable/1,
          record_to_map/1,
          records/3,
+         request_content/2,
+         request_elements/1,
          roster_items/1,
          roster_query/2,
          roster_query/3,
@@ -39,6 +51,12 @@
 
 -include("xmpp.hrl").
 -include("mod_roster.hrl").
+
+%% The bounds of one subscription request's kept content: the program's
+%% [limits] max_request_bytes and max_request_elements default to the same,
+%% and may only lower them.
+-define(MAX_REQUEST_BYTES, 16384).
+-define(MAX_REQUEST_ELEMENTS, 32).
 
 client_item(#roster_item{jid = JID, name = Name, subscription = Sub, ask = Ask,
                          groups = Groups}) ->
@@ -255,7 +273,111 @@ jid_info_entries(Maps) ->
                         maps:get(<<"groups">>, M, [])}}
               end, Maps).
 
-%% pending_in's requests: {[{From :: #jid{}, Status :: [#text{}]}], SkippedJids}.
+%% pending_in's requests: {[{From :: #jid{}, Statuses :: [#text{}],
+%% SubEls :: [#xmlel{}], Dropped :: non_neg_integer()}], SkippedJids}: each
+%% request as it came when the program kept it whole (request_content/2),
+%% otherwise its status text.
 pending_requests(Requests) ->
     partition(<<"from">>,
-              fun(JID, R) -> {JID, text(maps:get(<<"status">>, R, nil))} end, Requests).
+              fun(JID, R) ->
+                      {Statuses, SubEls, Dropped} =
+                          request_content(maps:get(<<"status">>, R, nil),
+                                          maps:get(<<"request_elements">>, R, [])),
+                      {JID, Statuses, SubEls, Dropped}
+              end, Requests).
+
+%%%-------------------------------------------------------------------
+%%% Subscription requests kept whole
+%%%-------------------------------------------------------------------
+
+%% @doc A subscription presence's content for the protocol's
+%% `request_elements`: each status as <status xml:lang='...'/> (a status
+%% without a language of its own gets the stanza's), then each extended
+%% element, serialised, in order; show and priority are no part of a
+%% request. {Elements, Dropped}: at most ?MAX_REQUEST_ELEMENTS elements are
+%% looked at (so serialising costs no more than that many of the stanza's
+%% own elements, which ejabberd's max_stanza_size bounds), and an element
+%% that would take the total over ?MAX_REQUEST_BYTES, or that cannot be
+%% serialised, is dropped whole; Dropped counts them all.
+-spec request_elements(presence()) -> {[binary()], non_neg_integer()}.
+request_elements(#presence{status = Statuses, sub_els = SubEls, lang = Lang}) ->
+    Children = [{status, T} || T <- Statuses] ++ [{el, E} || E <- SubEls],
+    Total = length(Children),
+    Looked = lists:sublist(Children, ?MAX_REQUEST_ELEMENTS),
+    {Kept, _Bytes, Dropped} =
+        lists:foldl(
+          fun(Child, {Acc, Bytes, N}) ->
+                  case serialise(Child, Lang) of
+                      {ok, Bin} when Bytes + byte_size(Bin) =< ?MAX_REQUEST_BYTES ->
+                          {[Bin | Acc], Bytes + byte_size(Bin), N};
+                      _ ->
+                          {Acc, Bytes, N + 1}
+                  end
+          end, {[], 0, Total - length(Looked)}, Looked),
+    {lists:reverse(Kept), Dropped}.
+
+serialise({status, #text{lang = TextLang, data = Data}}, StanzaLang) ->
+    Lang = case TextLang of
+               <<>> when is_binary(StanzaLang) -> StanzaLang;
+               _ -> TextLang
+           end,
+    Attrs = case Lang of
+                <<>> -> [];
+                _ -> [{<<"xml:lang">>, Lang}]
+            end,
+    {ok, fxml:element_to_binary(#xmlel{name = <<"status">>, attrs = Attrs,
+                                       children = [{xmlcdata, Data}]})};
+serialise({el, El}, _StanzaLang) ->
+    %% Sub-elements are #xmlel{} as they came, unless a module decoded one.
+    try
+        {ok, fxml:element_to_binary(case El of
+                                        #xmlel{} -> El;
+                                        _ -> xmpp:encode(El)
+                                    end)}
+    catch _:_ -> error
+    end.
+
+%% @doc A request's statuses and extended content from what the program kept
+%% (`request_elements`, parsed back), or from its status text alone when it
+%% kept no status element (an old program, a store that keeps the text only).
+%% {Statuses, SubEls, Dropped}: Dropped counts the elements left out, whole:
+%% those that do not parse, are not text, or are over the bounds.
+-spec request_content(binary() | nil, term()) -> {[#text{}], [fxml:xmlel()], non_neg_integer()}.
+request_content(StatusText, Elements) when is_list(Elements) ->
+    Looked = lists:sublist(Elements, ?MAX_REQUEST_ELEMENTS),
+    {Statuses, SubEls, _Bytes, Dropped} =
+        lists:foldl(
+          fun(Bin, {Ss, Es, Bytes, N}) when is_binary(Bin),
+                                            Bytes + byte_size(Bin) =< ?MAX_REQUEST_BYTES ->
+                  case parse_element(Bin) of
+                      {status, T} -> {[T | Ss], Es, Bytes + byte_size(Bin), N};
+                      {el, E} -> {Ss, [E | Es], Bytes + byte_size(Bin), N};
+                      error -> {Ss, Es, Bytes, N + 1}
+                  end;
+             (_, {Ss, Es, Bytes, N}) ->
+                  {Ss, Es, Bytes, N + 1}
+          end, {[], [], 0, length(Elements) - length(Looked)}, Looked),
+    case Statuses of
+        [] -> {text(StatusText), lists:reverse(SubEls), Dropped};
+        _ -> {lists:reverse(Statuses), lists:reverse(SubEls), Dropped}
+    end;
+request_content(StatusText, _NotAList) ->
+    {text(StatusText), [], 1}.
+
+parse_element(Bin) ->
+    try fxml_stream:parse_element(Bin) of
+        #xmlel{name = <<"status">>, attrs = Attrs} = El ->
+            case proplists:get_value(<<"xmlns">>, Attrs, <<"jabber:client">>) of
+                NS when NS == <<"jabber:client">>; NS == <<"jabber:server">> ->
+                    {status, #text{lang = proplists:get_value(<<"xml:lang">>, Attrs, <<>>),
+                                   data = fxml:get_tag_cdata(El)}};
+                _ ->
+                    {el, El}
+            end;
+        #xmlel{} = El ->
+            {el, El};
+        _ ->
+            error
+    catch _:_ ->
+            error
+    end.

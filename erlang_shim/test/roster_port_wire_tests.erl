@@ -175,8 +175,8 @@ pending_requests_with_undecodable_jids() ->
           [#{<<"from">> => <<"x@[a b", 0, "c]">>, <<"status">> => <<"bad">>},
            #{<<"from">> => <<"d@x">>, <<"status">> => <<"let me in">>},
            #{<<"from">> => <<"e@x">>, <<"status">> => nil}]),
-    ?assertMatch([{#jid{luser = <<"d">>}, [#text{data = <<"let me in">>}]},
-                  {#jid{luser = <<"e">>}, []}], Requests),
+    ?assertMatch([{#jid{luser = <<"d">>}, [#text{data = <<"let me in">>}], [], 0},
+                  {#jid{luser = <<"e">>}, [], [], 0}], Requests),
     ?assertEqual([<<"x@[a b", 0, "c]">>], Skipped).
 
 %% The log's view of a JID: at most 100 bytes, quoted, escaped (no control

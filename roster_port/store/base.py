@@ -55,6 +55,13 @@ class RosterRow(NamedTuple):
     a stranger's subscription request is stored (with its text, to re-send at the next login)
     but is not a roster item, so it is never listed nor pushed.
 
+    `request_elements` is the pending inbound request kept whole (RFC 6121 3.1.3: "the complete
+    presence stanza ..., including any extended content"): each child element of the
+    `subscribe` presence but show and priority, as the XML text the shim serialised, in order:
+    its statuses with their xml:lang, then its extended content (a XEP-0172 nick, a XEP-0379
+    preauth). `request_text` stays its status text (what ejabberd's `askmessage` holds). Only
+    a store whose transactions say `keeps_request_elements` stores it; the others read () back.
+
     `groups` is a set kept as a tuple: adapters that can keep the order written do, and one
     that cannot (ejabberd's own schema) returns them in code point order (`put()` then returns
     the row as it reads back).
@@ -73,6 +80,7 @@ class RosterRow(NamedTuple):
     in_roster: bool = True
     groups: tuple[str, ...] = ()
     request_text: str = ""
+    request_elements: tuple[str, ...] = ()
 
     def evolve(self, **changes) -> "RosterRow":
         return self._replace(**changes)
@@ -82,6 +90,8 @@ class RosterRow(NamedTuple):
             raise ValueError(f"subscription {self.subscription!r} is not one of {SUBSCRIPTIONS}")
         if not isinstance(self.groups, tuple):
             raise ValueError("groups must be a tuple")
+        if not isinstance(self.request_elements, tuple):
+            raise ValueError("request_elements must be a tuple")
         return self
 
 
@@ -120,10 +130,27 @@ def stored_groups(value: object, user: str, contact: object) -> tuple[str, ...]:
     return groups
 
 
+def stored_elements(value: object, user: str, contact: object) -> tuple[str, ...]:
+    """A request_elements value as read: a list of texts as it is; otherwise its texts kept
+    (logged). The shim parses each again before it delivers it, and drops what does not."""
+    if isinstance(value, (list, tuple)) and all(type(element) is str for element in value):
+        return tuple(value)
+    elements = tuple(element for element in value if type(element) is str) if isinstance(
+        value, (list, tuple)) else ()
+    log.warning("%s: stored row of %r: request_elements are not a list of text (%s); read "
+                "as %d elements", user, contact, type(value).__name__, len(elements))
+    return elements
+
+
 class RosterTxn(abc.ABC):
     """One user's roster inside one open transaction."""
 
     user: str
+    # Whether `put` stores a row's `request_elements` (and reads give them back). A store that
+    # cannot (an operator's schema, ejabberd's) keeps the request's text only, and its rows
+    # read back with `request_elements` empty: the roster logic then never writes a row for
+    # them alone.
+    keeps_request_elements: bool = False
 
     @abc.abstractmethod
     def rows(self) -> list[RosterRow]:

@@ -337,6 +337,20 @@ def _wake_feeds_by_origin(connection: psycopg.Connection, schema: sql.Identifier
     install_change_log(connection, schema)
 
 
+@_migration(6, "request_elements")
+def _add_request_elements(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    # A pending inbound request kept whole (RFC 6121 3.1.3): its statuses with their languages
+    # and its extended content, one XML text each (base.RosterRow). Existing rows read as
+    # requests without elements, their text kept, which is what they held.
+    connection.execute("""
+        ALTER TABLE roster_items ADD COLUMN request_elements text[] NOT NULL DEFAULT '{}'
+            CONSTRAINT roster_items_request_elements_is_a_list_of_text
+            CHECK (cardinality(request_elements) = 0
+                   OR (array_ndims(request_elements) = 1
+                       AND array_position(request_elements, NULL) IS NULL))
+    """)
+
+
 # --- Errors ---------------------------------------------------------------------------------
 
 # Besides OperationalError (connection failures, lock and statement timeouts, shutdowns): the
@@ -352,12 +366,13 @@ def _one_line(exc: BaseException) -> str:
 
 _SELECT_COLUMNS = sql.SQL(
     "contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, "
-    "request_text"
+    "request_text, request_elements"
 )
 
 
 def _row_from_record(record: tuple) -> RosterRow:
-    contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text = record
+    (contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text,
+     elements) = record
     return RosterRow(
         contact=contact,
         name=name,
@@ -368,6 +383,7 @@ def _row_from_record(record: tuple) -> RosterRow:
         in_roster=in_roster,
         groups=tuple(groups),
         request_text=text,
+        request_elements=tuple(elements),
     )
 
 
@@ -385,7 +401,8 @@ _SELECT_ROW_OR_COUNT = sql.SQL("""
     SELECT {columns}, NULL::bigint, NULL::bigint FROM roster_items
     WHERE username = %(user)s AND contact = %(contact)s
     UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, counts.items, counts.requests
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           counts.items, counts.requests
     FROM (SELECT count(*) FILTER (WHERE in_roster) AS items,
                  count(*) FILTER (WHERE NOT in_roster) AS requests
           FROM roster_items WHERE username = %(user)s) AS counts
@@ -395,8 +412,8 @@ _SELECT_ROW_OR_COUNT = sql.SQL("""
 _UPSERT_ROW = """
     INSERT INTO roster_items AS items (username, contact, name, subscription,
                                        pending_out, pending_in, approved, in_roster,
-                                       groups, request_text)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s)
+                                       groups, request_text, request_elements)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s, %s::text[])
     ON CONFLICT (username, contact) DO UPDATE SET
         name = excluded.name,
         subscription = excluded.subscription,
@@ -405,7 +422,8 @@ _UPSERT_ROW = """
         approved = excluded.approved,
         in_roster = excluded.in_roster,
         groups = excluded.groups,
-        request_text = excluded.request_text
+        request_text = excluded.request_text,
+        request_elements = excluded.request_elements
 """
 _DELETE_ROW = "DELETE FROM roster_items WHERE username = %s AND contact = %s"
 _DELETE_ROWS = "DELETE FROM roster_items WHERE username = %s"
@@ -457,6 +475,8 @@ class _PostgresTxn(RosterTxn):
     moves the counter too makes the transaction roll back with StoreError, never commit with
     a version other than what the database holds.
     """
+
+    keeps_request_elements = True
 
     def __init__(self, store: "PostgresStore", connection: psycopg.Connection, user: str,
                  refuse_writes_because: str | None, opening: list[tuple[str, tuple]],
@@ -591,6 +611,7 @@ class _PostgresTxn(RosterTxn):
             row.in_roster,
             list(row.groups),
             row.request_text,
+            list(row.request_elements),
         )
         if self._opening or not self._open:
             # The scope's first statement (or a finished scope: _execute says so).

@@ -59,6 +59,7 @@ from roster_port.store.base import (
     RosterTxn,
     StoreError,
     StoreUnavailable,
+    stored_elements,
     stored_groups,
     stored_text,
 )
@@ -75,6 +76,7 @@ MIGRATION_NAMES = (
     "0002_roster_versions",
     "0003_version_triggers",
     "0004_roster_changes",
+    "0005_request_elements",
 )
 
 
@@ -103,7 +105,8 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
 
 
 _SELECT_COLUMNS = (
-    "contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, request_text"
+    "contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, "
+    "request_text, request_elements"
 )
 
 
@@ -171,8 +174,23 @@ def _lenient_text(value: bytes) -> str:
     return value.decode("utf-8", errors="replace")
 
 
+def _elements_from_json(value: object, user: str, contact: object) -> tuple[str, ...]:
+    if value == "[]":  # most rows: no pending request kept whole
+        return ()
+    try:
+        parsed = json.loads(value) if isinstance(value, (str, bytes)) else value
+    except (ValueError, RecursionError) as exc:
+        log.warning("%s: stored row of %r: request_elements are not readable JSON (%s); "
+                    "read as ()", user, contact, type(exc).__name__)
+        return ()
+    if isinstance(parsed, list):
+        parsed = [element for element in parsed if type(element) is not str or _is_utf8(element)]
+    return stored_elements(parsed, user, contact)
+
+
 def _row_from_record(record: tuple, user: str) -> RosterRow:
-    contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text = record
+    (contact, name, subscription, pending_out, pending_in, approved, in_roster, groups, text,
+     elements) = record
     if not (type(contact) is str and type(name) is str and type(text) is str):
         contact = stored_text(contact, user, contact, "contact")
         name = stored_text(name, user, contact, "name")
@@ -187,11 +205,14 @@ def _row_from_record(record: tuple, user: str) -> RosterRow:
         bool(in_roster),
         _groups_from_json(groups, user, contact),
         text,
+        _elements_from_json(elements, user, contact),
     )
 
 
 class _SQLiteTxn(RosterTxn):
     """One user's roster inside one open SQLite transaction of `store`'s connection."""
+
+    keeps_request_elements = True
 
     def __init__(self, store: "SQLiteStore", connection: sqlite3.Connection, user: str,
                  refuse_writes_because: str | None) -> None:
@@ -263,8 +284,9 @@ class _SQLiteTxn(RosterTxn):
         self._execute(
             """
             INSERT INTO roster_items (user, contact, name, subscription, pending_out, pending_in,
-                                      approved, in_roster, groups, request_text)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                      approved, in_roster, groups, request_text,
+                                      request_elements)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (user, contact) DO UPDATE SET
                 name = excluded.name,
                 subscription = excluded.subscription,
@@ -273,7 +295,8 @@ class _SQLiteTxn(RosterTxn):
                 approved = excluded.approved,
                 in_roster = excluded.in_roster,
                 groups = excluded.groups,
-                request_text = excluded.request_text
+                request_text = excluded.request_text,
+                request_elements = excluded.request_elements
             """,
             (
                 self.user,
@@ -286,6 +309,8 @@ class _SQLiteTxn(RosterTxn):
                 int(row.in_roster),
                 json.dumps(list(row.groups), ensure_ascii=False, separators=(",", ":")),
                 row.request_text,
+                json.dumps(list(row.request_elements), ensure_ascii=False,
+                           separators=(",", ":")),
             ),
         )
 

@@ -136,3 +136,14 @@ def _create_change_log(db: sqlite_utils.Database) -> None:
         + log_change.format(user="OLD.user", contact="OLD.contact", old="OLD.subscription", new="NULL")
         + " END"
     )
+
+
+@SCHEMA(name="0005_request_elements")
+def _add_request_elements(db: sqlite_utils.Database) -> None:
+    # A pending inbound request kept whole (RFC 6121 3.1.3): its statuses with their languages
+    # and its extended content, one XML text each, a JSON array (base.RosterRow). Existing rows
+    # read as requests without elements, their text kept, which is what they held.
+    db.execute(
+        "ALTER TABLE roster_items ADD COLUMN request_elements TEXT NOT NULL DEFAULT '[]' "
+        "CHECK (json_valid(request_elements) AND json_type(request_elements) = 'array')"
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import slixmpp
 from slixmpp.xmlstream.handler import Callback
@@ -56,6 +56,8 @@ class Presence:
     type: str
     from_jid: str
     status: str | None
+    # The stanza as received (its statuses in every language, its extended content).
+    xml: ET.Element | None = field(default=None, compare=False, repr=False)
 
 
 class Client:
@@ -116,7 +118,7 @@ class Client:
 
     def _on_presence(self, pres: slixmpp.Presence) -> None:
         self.presences.append(Presence(type=pres["type"], from_jid=pres["from"].bare,
-                                       status=pres["status"] or None))
+                                       status=pres["status"] or None, xml=pres.xml))
         self._changed.set()
 
     async def roster_get(self, ver: str | None = None) -> RosterResult:
@@ -148,6 +150,14 @@ class Client:
 
     def send_subscription(self, to: str, ptype: str, status: str | None = None) -> None:
         self.xmpp.send_presence(pto=to, ptype=ptype, pstatus=status)
+
+    def send_presence_with(self, to: str, ptype: str, children: list[ET.Element]) -> None:
+        """A presence carrying `children` as given (statuses in several languages, extended
+        content such as a XEP-0172 nick): slixmpp's own interfaces set one status only."""
+        pres = self.xmpp.make_presence(pto=to, ptype=ptype)
+        for child in children:
+            pres.xml.append(child)
+        pres.send()
 
     async def wait_for(self, predicate, timeout: float = 5.0):
         """Waits until predicate(self) is truthy; returns its value."""
