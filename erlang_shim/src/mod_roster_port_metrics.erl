@@ -89,7 +89,12 @@ commands() ->
 
 -spec metrics_text() -> string().
 metrics_text() ->
-    unicode:characters_to_list(iolist_to_binary(render())).
+    case hosts() of
+        %% A comment: still the text format, and never an empty string (which
+        %% ejabberd_ctl would print as `[]`).
+        [] -> "# mod_roster_port runs on no host\n";
+        _ -> unicode:characters_to_list(iolist_to_binary(render()))
+    end.
 
 -spec status_text() -> string().
 status_text() ->

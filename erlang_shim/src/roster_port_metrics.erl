@@ -405,7 +405,7 @@ program_name(<<"roster_port_program_", Rest/binary>>) when byte_size(Rest) > 0,
                             orelse C == $_ end, binary_to_list(Rest));
 program_name(_) -> false.
 
-label_name(<<C, Rest/binary>>) when byte_size(Rest) < 64, C >= $a, C =< $z; C == $_ ->
+label_name(<<C, Rest/binary>>) when byte_size(Rest) < 64, ((C >= $a andalso C =< $z) orelse C == $_) ->
     lists:all(fun(X) -> (X >= $a andalso X =< $z) orelse (X >= $0 andalso X =< $9)
                             orelse X == $_ end, binary_to_list(Rest));
 label_name(_) -> false.
@@ -597,7 +597,8 @@ host_families(HL, C, #{workers := Workers, programs := Programs, journal := Jour
           missing -> []
       end},
      {<<"roster_port_journal_dropped_total">>, counter,
-      <<"Journal entries given up (refused for good by the program, or the journal full)">>,
+      <<"Journal entries given up (refused for good by the program, or crashed or "
+        "answered internal at every attempt)">>,
       case Journal of
           #{dropped := D} -> [{<<"roster_port_journal_dropped_total">>, HL, D}];
           _ -> []
