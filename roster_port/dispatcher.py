@@ -30,6 +30,7 @@ from . import PROTOCOL_VERSIONS, __version__, roster
 from .errors import ProtocolError, StanzaError, shown
 from .framing import Frame, FrameEvent, OversizedFrame
 from .jid import InvalidJID, bare_jid
+from .metrics import ProgramMetrics
 from .messages import (
     Request,
     RequestError,
@@ -238,6 +239,8 @@ class Dispatcher:
         self.max_response_bytes: int | None = None
         # What a ping reports besides "the loop reads and answers" (the server's counts).
         self.status: Callable[[], dict[str, Any]] = dict
+        # This program's own figures, for the shim's `metrics` request (metrics.py).
+        self.metrics = ProgramMetrics()
 
     def handle(self, event: FrameEvent, now: float = 0.0) -> bytes | None:
         """The response payload for one framing event, or None when there is none to send:
@@ -273,6 +276,9 @@ class Dispatcher:
                 raise ProtocolError("bad_request", "hello first")
             if request.op == "ping":
                 return Answer(self._response(request, {"effects": [], **self.status()}))
+            if request.op == "metrics":
+                return Answer(self._response(request, {"effects": [],
+                                                       "families": self.metrics.families()}))
             operation = OPERATIONS.get(request.op)
             if operation is None:
                 raise ProtocolError("unknown_op", f"unknown op {shown(request.op)}")
@@ -283,6 +289,11 @@ class Dispatcher:
     def run(self, job: Job, store: RosterStore, now: float) -> bytes | None:
         """The response to `job`, run in one transaction of `store` (a store of the same
         database as the dispatcher's: each thread may have its own connection)."""
+        request = job.request
+        with self.metrics.handling_of(request.op):
+            return self._run(job, store, now)
+
+    def _run(self, job: Job, store: RosterStore, now: float) -> bytes | None:
         request = job.request
         try:
             if job.deadline is not None and now >= job.deadline and not job.operation.must_run:
@@ -309,6 +320,7 @@ class Dispatcher:
         """The answer to a job the server has no room for (nothing was done)."""
         log.warning("request %d (%s) for %s refused: %s", job.request.id, job.request.op,
                     job.user, why)
+        self.metrics.error(job.request.op, "overloaded")
         return encode_error(job.request.id, ProtocolError("overloaded", why).to_wire())
 
     def _response(self, request: Request, result: dict[str, Any]) -> bytes:
@@ -323,6 +335,16 @@ class Dispatcher:
 
     def _error(self, request: Request, exc: Exception) -> bytes:
         """The error response for what serving `request` raised: every exception becomes one."""
+        response = self._error_response(request, exc)
+        code = ("stanza_error" if isinstance(exc, StanzaError) else
+                exc.code if isinstance(exc, ProtocolError) else
+                "store_unavailable" if isinstance(exc, StoreUnavailable) else "internal")
+        self.metrics.error(request.op, code)
+        if isinstance(exc, StoreError):
+            self.metrics.store_error(unavailable=isinstance(exc, StoreUnavailable))
+        return response
+
+    def _error_response(self, request: Request, exc: Exception) -> bytes:
         if isinstance(exc, ProtocolError):
             level = logging.ERROR if exc.code == "response_too_large" else (
                 logging.WARNING if exc.code == "timeout" else logging.DEBUG)
@@ -347,6 +369,7 @@ class Dispatcher:
             log.warning("%s: %s (no request id; first bytes %s)", error.code, error.message, raw[:32].hex())
             return None
         log.warning("request %d: %s: %s", request_id, error.code, error.message)
+        self.metrics.error(None, error.code)  # the op is unknown: `other`
         return encode_error(request_id, error.to_wire())
 
     def changes_by_user(self, changes: list[OutsideChange]) -> dict[str, list[OutsideChange]]:
@@ -369,6 +392,7 @@ class Dispatcher:
             payload = encode_notification("roster_changed", params)
         except StoreError as exc:
             log.error("changes to %s made outside XMPP not pushed: %s", user, exc)
+            self.metrics.store_error(unavailable=isinstance(exc, StoreUnavailable))
             return None
         except Exception:  # noqa: BLE001 - one user's rows must not stop the feed
             log.exception("changes to %r made outside XMPP not pushed", user)
@@ -378,6 +402,7 @@ class Dispatcher:
                       "bytes, over the shim's max_frame_bytes", user, len(payload))
             return None
         log.info("%s: %d rows changed outside XMPP", user, len(changes))
+        self.metrics.notified("roster_changed", changes)
         return payload
 
     def feed_resumed(self) -> bytes:
@@ -385,6 +410,7 @@ class Dispatcher:
         (at start, or after losing its connection), so whatever the shim read and kept
         meanwhile may miss a change the feed will never report: it drops every cache."""
         log.info("the change feed reads again; telling the shim to drop what it cached")
+        self.metrics.notified("feed_resumed")
         return encode_notification("feed_resumed", {"effects": []})
 
     def notifications(self, changes: list[OutsideChange]) -> list[bytes]:

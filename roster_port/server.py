@@ -147,11 +147,12 @@ class FrameWriter:
                 self._on_broken()
 
 
-def _read_feed(feed: ChangeFeed) -> list[OutsideChange]:
+def _read_feed(feed: ChangeFeed, dispatcher: Dispatcher) -> list[OutsideChange]:
     try:
         return feed.read()
     except Exception:  # noqa: BLE001 - a feed's failure must not end the serving of requests
         log.exception("reading the change feed failed; trying again at the next wake-up")
+        dispatcher.metrics.feed_error()
         return []
 
 
@@ -262,6 +263,7 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
         return {"in_flight": in_flight, "running": running}
 
     dispatcher.status = status
+    dispatcher.metrics.watch_held(lambda: executor.counts()[0])
     store.set_failure_handler(on_store_failure)
     # ejabberd stops its ports by closing the pipe; a TERM from an operator stops us too. The
     # handler only sets a flag: the loop ends between two frames, never inside a write.
@@ -303,7 +305,7 @@ def serve(config: Config, *, stdin_fd: int = 0) -> int:
             if feed is not None and ("feed" in ready or polled):
                 # Read here; each user's notification is made in that user's order, like a
                 # request of the user (never with a state older than an answer before it).
-                for user, changes in dispatcher.changes_by_user(_read_feed(feed)).items():
+                for user, changes in dispatcher.changes_by_user(_read_feed(feed, dispatcher)).items():
                     if not executor.submit(user, _Notify(user, changes), must_run=True):
                         log.error("changes to %s made outside XMPP not pushed: %d requests in "
                                   "flight", user, executor.counts()[0])

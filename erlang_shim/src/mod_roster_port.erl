@@ -78,6 +78,8 @@
 %% (roster_port_takeover). stop/1 goes the other way.
 start(Host, Opts) ->
     check_db_type(Host),
+    roster_port_metrics:start(Host),
+    mod_roster_port_metrics:register(Host),
     case start_child(roster_port_journal:child_spec(Host, journal_opts(Host, Opts))) of
         ok ->
             {Prepared, Settings} = roster_port_pool:prepare(Host, pool_opts(Host, Opts)),
@@ -121,6 +123,8 @@ stop(Host) ->
     stop_child(pool_child(Host, 1)),
     stop_child(pool_child(Host, 2)),
     stop_child(journal_child(Host)),
+    mod_roster_port_metrics:unregister(Host),
+    roster_port_metrics:stop(Host),
     ok.
 
 %% A reload never gives the hooks back and keeps the journal: it starts a

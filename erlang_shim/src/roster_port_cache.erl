@@ -101,7 +101,7 @@
 %%% is gone (its owner, the pool's supervisor, is stopping).
 -module(roster_port_cache).
 
--export([handle/2, create_table/1, new/2, stamp/0, writes/2,
+-export([handle/2, handle/3, create_table/1, new/2, stamp/0, writes/2,
          lookup_roster/2, store_roster/4, lookup_iq/2, store_iq/5,
          lookup_jid_info/3, store_jid_info/4,
          invalidate/2, invalidate_all/1, raise_floor/1, purge/1,
@@ -113,7 +113,8 @@
 -export_type([cache/0]).
 
 -type cache() :: undefined
-               | #{table := atom(), flags := atomics:atomics_ref(), max := pos_integer()}.
+               | #{table := atom(), flags := atomics:atomics_ref(), max := pos_integer(),
+                   host => binary()}.
 -type stamp() :: pos_integer().
 
 %% Slots of the flags atomics.
@@ -129,6 +130,11 @@
 -spec handle(atom(), pos_integer()) -> cache().
 handle(Table, Max) ->
     #{table => Table, flags => atomics:new(2, [{signed, true}]), max => Max}.
+
+%% @doc handle/2 whose lookups are counted as Host's (roster_port_metrics).
+-spec handle(atom(), pos_integer(), binary()) -> cache().
+handle(Table, Max, Host) ->
+    (handle(Table, Max))#{host => Host}.
 
 %% @doc Creates the named table; the calling process owns it.
 -spec create_table(cache()) -> ok.
@@ -155,7 +161,7 @@ stamp() ->
 -spec writes(binary(), map()) -> boolean().
 writes(<<"roster_iq">>, #{<<"type">> := <<"get">>}) -> false;
 writes(Op, _Args) ->
-    not lists:member(Op, [<<"hello">>, <<"ping">>, <<"roster_get">>, <<"jid_info">>,
+    not lists:member(Op, [<<"hello">>, <<"ping">>, <<"metrics">>, <<"roster_get">>, <<"jid_info">>,
                           <<"pending_in">>, <<"store_get_roster">>, <<"store_get_item">>,
                           <<"store_read_version">>]).
 
@@ -165,7 +171,14 @@ writes(Op, _Args) ->
 
 -spec lookup_roster(cache(), binary()) -> {ok, term()} | miss.
 lookup_roster(Cache, User) ->
-    lookup_read(Cache, roster, User).
+    counted(Cache, roster, lookup_read(Cache, roster, User)).
+
+%% A lookup's hit or miss, for the metrics of the handle's host.
+counted(#{host := Host}, Kind, Result) ->
+    roster_port_metrics:cache_lookup(Host, Kind, Result),
+    Result;
+counted(_Cache, _Kind, Result) ->
+    Result.
 
 lookup_read(undefined, _Kind, _User) ->
     miss;
@@ -201,7 +214,7 @@ store_roster(#{table := T} = Cache, User, ReadAt, Items) ->
 %% client whose ver was current).
 -spec lookup_iq(cache(), binary()) -> {ok, {term(), term()}} | miss.
 lookup_iq(Cache, User) ->
-    lookup_read(Cache, iq, User).
+    counted(Cache, iq, lookup_read(Cache, iq, User)).
 
 %% @doc Keeps the answer of a roster IQ get sent after ReadAt was taken:
 %% {Ver, Answer} as lookup_iq/2 gives it back, and, when Items is not
@@ -222,7 +235,7 @@ store_iq(#{table := T} = Cache, User, ReadAt, {Ver, Answer}, Items) ->
            end).
 
 knows_answer(Cache, User, Ver) ->
-    case lookup_iq(Cache, User) of
+    case lookup_read(Cache, iq, User) of
         {ok, {Ver, Answer}} -> Answer /= nil;
         _ -> false
     end.
@@ -237,9 +250,12 @@ knows_answer(Cache, User, Ver) ->
 %% `not_loaded`: the user's roster is not loaded (load it, then store it).
 -spec lookup_jid_info(cache(), binary(), term()) ->
           {ok, term()} | off | not_loaded | unknown.
-lookup_jid_info(undefined, _User, _Contact) ->
+lookup_jid_info(Cache, User, Contact) ->
+    counted(Cache, jid_info, lookup_contact(Cache, User, Contact)).
+
+lookup_contact(undefined, _User, _Contact) ->
     off;
-lookup_jid_info(#{table := T} = Cache, User, Contact) ->
+lookup_contact(#{table := T} = Cache, User, Contact) ->
     try is_live(Cache) andalso ets:lookup(T, {user, User}) of
         false ->
             off;

@@ -156,7 +156,14 @@ as_journal_run(Fun) ->
 
 do_call(LServer, LUser, Op, Args, CallOpts) ->
     User = <<LUser/binary, "@", LServer/binary>>,
-    case roster_port_pool:call(LServer, User, Op, Args, CallOpts) of
+    Counted = roster_port_metrics:request_started(LServer, Op),
+    Reply = try roster_port_pool:call(LServer, User, Op, Args, CallOpts)
+            catch Class:Crash:Stack ->
+                    roster_port_metrics:request_done(Counted, {error, crashed}),
+                    erlang:raise(Class, Crash, Stack)
+            end,
+    roster_port_metrics:request_done(Counted, Reply),
+    case Reply of
         {ok, Result} = Ok ->
             roster_port_effects:run_effects(LServer, maps:get(<<"effects">>, Result, [])),
             Ok;

@@ -85,7 +85,7 @@ prepare(Host, Opts0) ->
     %% The table itself is created (and owned) by the pool's supervisor.
     Cache = case maps:get(cache_size, Opts1) of
                 0 -> undefined;
-                Max -> roster_port_cache:handle(cache_table(Host, Slot), Max)
+                Max -> roster_port_cache:handle(cache_table(Host, Slot), Max, Host)
             end,
     {Opts1#{cache => Cache, names => Names, slot => Slot},
      #{names => Names, call_timeout => maps:get(call_timeout, Opts1), cache => Cache,

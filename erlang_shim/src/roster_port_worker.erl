@@ -238,6 +238,8 @@ handle_call(status, _From, State) ->
                         end,
               coming => State#state.coming,
               waiting => State#state.waiting_len,
+              %% Op => how many wait (roster_port_metrics; a scrape, not the hot path).
+              waiting_ops => waiting_ops(State#state.waiting),
               late => maps:size(State#state.late),
               pending => maps:size(State#state.pending)}, State};
 handle_call(_Request, _From, State) ->
@@ -294,6 +296,7 @@ terminate(_Reason, #state{port = Port} = State) ->
 %%%===================================================================
 
 start_program(#state{command = [Exe | Args]} = State0) ->
+    roster_port_metrics:program_started(State0#state.host),
     State = State0#state{starts = State0#state.starts + 1},
     case open_program(Exe, Args) of
         {ok, Path, Port, OsPid} ->
@@ -359,6 +362,7 @@ executable(Exe) ->
 %% waiting (but reads, when the next program is coming in time: they wait
 %% for it), forget the late requests, and schedule the next start.
 program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
+    roster_port_metrics:program_down(State#state.host, Why),
     close_port(Port),
     case Why of
         {exit_status, _} -> ok;
@@ -516,6 +520,10 @@ waits(Deadline, #state{coming = true, waiting_len = Len} = State) when Len < ?MA
     State#state.status == starting orelse State#state.restart_at < Deadline;
 waits(_Deadline, _State) ->
     false.
+
+waiting_ops(Waiting) ->
+    lists:foldl(fun({_, Op, _, _}, Acc) -> maps:update_with(Op, fun(N) -> N + 1 end, 1, Acc) end,
+                #{}, queue:to_list(Waiting)).
 
 wait(Entry, #state{waiting = Waiting, waiting_len = Len} = State) ->
     State#state{waiting = queue:in(Entry, Waiting), waiting_len = Len + 1}.

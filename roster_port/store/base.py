@@ -32,7 +32,7 @@ import abc
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 SUBSCRIPTIONS = ("none", "to", "from", "both")
@@ -203,6 +203,9 @@ class OutsideChange:
     contact: str
     old_subscription: str | None  # None: there was no row
     new_subscription: str | None  # None: there is no row any more
+    # When its entry was recorded in the change log (seconds since the epoch, the database's
+    # clock), for the change-feed lag metric; None when the feed does not know.
+    recorded_at: float | None = field(default=None, compare=False)
 
 
 class ChangeFeed(abc.ABC):

@@ -233,7 +233,9 @@ _READ_ENTRIES = """
     SELECT pg_snapshot_xmax(s)::text,
            ARRAY(SELECT pg_snapshot_xip(s)::text),
            coalesce((SELECT json_agg(json_build_array(username, contact, old_subscription,
-                                                      new_subscription) ORDER BY id)
+                                                      new_subscription,
+                                                      extract(epoch FROM recorded_at))
+                                     ORDER BY id)
                      FROM roster_port_changes
                      WHERE (xact >= %s::text::xid8 OR xact = ANY(%s::text[]::xid8[]))
                        AND origin IS DISTINCT FROM %s), '[]'::json)
@@ -418,7 +420,9 @@ class PostgresChangeFeed(ChangeFeed):
             records = []
             self._resumed = True  # what it logged before now is never reported
         self._xmax, self._xip = xmax, [int(xid) for xid in xip]
-        return [OutsideChange(user, contact, old, new) for user, contact, old, new in records]
+        return [OutsideChange(user, contact, old, new,
+                              float(at) if isinstance(at, (int, float)) else None)
+                for user, contact, old, new, at in records]
 
     @staticmethod
     def _current_snapshot(connection: psycopg.Connection) -> tuple[int, list[int]]:

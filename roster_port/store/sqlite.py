@@ -713,7 +713,8 @@ class SQLiteChangeFeed(ChangeFeed):
             if data_version == self._data_version:
                 return []
             records = self._connection.execute(
-                "SELECT id, user, contact, old_subscription, new_subscription, origin "
+                "SELECT id, user, contact, old_subscription, new_subscription, origin, "
+                "(recorded_at - 2440587.5) * 86400.0 "
                 "FROM roster_changes WHERE id > ? ORDER BY id LIMIT ?",
                 (self._after, self.BATCH),
             ).fetchall()
@@ -728,7 +729,7 @@ class SQLiteChangeFeed(ChangeFeed):
         if self._polls % self.PRUNE_EVERY == 0:
             self._prune()
         changes = []
-        for entry_id, user, contact, old, new, origin in records:
+        for entry_id, user, contact, old, new, origin, recorded_at in records:
             if origin == self.origin:
                 continue
             if type(user) is not str or type(contact) is not str:
@@ -736,7 +737,8 @@ class SQLiteChangeFeed(ChangeFeed):
                 log.warning("change feed on %s: entry %s names no user and contact (%r, %r); "
                             "skipped", self.path, entry_id, user, contact)
                 continue
-            changes.append(OutsideChange(user, contact, old, new))
+            changes.append(OutsideChange(user, contact, old, new,
+                                         recorded_at if type(recorded_at) is float else None))
         return changes
 
     def _prune(self) -> None:
