@@ -414,6 +414,11 @@ class _MappedTxn(RosterTxn):
                         self.user, len(rows), contact)
         return rows[0] if rows else None
 
+    def holds(self, contact: str) -> bool:
+        """False for a contact the mapping's `user_id` finds no id for (not a member): the
+        documented convention for a schema that keeps its own members only."""
+        return "user_id" not in self._mapping.statements or self._id_of(contact) is not None
+
     def put(self, row: RosterRow) -> RosterRow | None:
         self._check_writable("put")
         row.valid()
