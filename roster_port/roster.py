@@ -540,6 +540,8 @@ def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outc
     if old == row:
         return Outcome({"ver": _version(txn, rules)})
     stored = txn.put(row) or row
+    if row.in_roster and not stored.in_roster:
+        raise cannot_hold(row.contact, "roster item")  # rolled back, as for a roster set
     ver = _version(txn, rules)
     if stored.in_roster:
         return Outcome({"ver": ver}, [Push(txn.user, wire_item(stored), ver)])
