@@ -263,7 +263,7 @@ def step(
         # twice loses nothing; one never shown it keeps a stale request or subscription on
         # screen), and nothing else happens: the push and the presences that change implies
         # belong to the write that made it (for the contact's write, the change feed reports
-        # it to this user's sessions: docs/mappings.md, "Symmetric relationships").
+        # it to this user's sessions: docs/mappings.md, "Rows read into two rosters").
         deliver = APPLIED[event.presence_type](new)
     if auto_reply == "unsubscribed" and not auto_unsubscribed:
         auto_reply = None
