@@ -95,6 +95,15 @@ def server(tmp_path: Path, app: Follows):
         ejabberd.stop()
 
 
+# What a cancellation may bring about; presences of type available are left out: the ones
+# exchanged at login may still be arriving, and are no consequence of it.
+SUBSCRIPTION_TYPES = ("subscribe", "subscribed", "unsubscribe", "unsubscribed")
+
+
+def sent_by(presences, sender: str, types) -> list[str]:
+    return [p.type for p in presences if p.from_jid == sender and p.type in types]
+
+
 async def second_resource(session: Session, username: str):
     """Another session of the same account (resource "two")."""
     from xmpp_client import Client
@@ -165,9 +174,10 @@ def test_follows_unsubscribe_reaches_the_user_with_its_consequences_once(app, se
             pushes = client.pushes[before[id(client)][0]:]
             presences = client.presences[before[id(client)][1]:]
             assert [p.item.subscription for p in pushes if "marker" not in p.item.groups] == ["to"]
-            assert [p.type for p in presences if p.from_jid == bob_jid] == ["unsubscribe"]
+            assert sent_by(presences, bob_jid, SUBSCRIPTION_TYPES) == ["unsubscribe"]
+        # One unavailable per resource of Alice's, not one more.
         presences = bob.presences[before[id(bob)][1]:]
-        assert [p.type for p in presences if p.from_jid == alice_jid] == ["unavailable"] * 2
+        assert sent_by(presences, alice_jid, ("unavailable",)) == ["unavailable"] * 2
         # Bob's own client: one push, "from".
         assert [p.item.subscription for p in bob.pushes[before[id(bob)][0]:]
                 if "marker" not in p.item.groups] == ["from"]
@@ -203,10 +213,8 @@ def test_follows_unsubscribed_reaches_the_user_with_its_consequences_once(app, s
 
         await marker(app, clients, alice, "alice", "bob")
         presences = alice.presences[before[id(alice)][1]:]
-        assert [p.type for p in presences if p.from_jid == bob_jid] == [
-            "unsubscribed", "unavailable"] or [p.type for p in presences
-                                               if p.from_jid == bob_jid] == [
-            "unavailable", "unsubscribed"]
+        assert sent_by(presences, bob_jid, SUBSCRIPTION_TYPES) == ["unsubscribed"]
+        assert sent_by(presences, bob_jid, ("unavailable",)) == ["unavailable"]
         assert [p.item.subscription for p in alice.pushes[before[id(alice)][0]:]
                 if "marker" not in p.item.groups] == ["from"]
         assert (await alice.roster_get()).ver == alice.pushes[-1].ver
