@@ -19,9 +19,9 @@
     auto_unsubscribed = true     # answer an inbound unsubscribe with unsubscribed, as ejabberd does
     read_only = false            # refuse roster sets and subscription changes (the database is
                                  # written by another application only)
-    mutual_rows = false          # one row serves both people (a friendship): deliver the
-                                 # contact's subscribe/subscribed that the contact's own write
-                                 # already applied (docs/mappings.md)
+    mutual_rows = false          # one row is read into two rosters (a friendship, a follows
+                                 # row): deliver the contact's subscription presences that the
+                                 # contact's own write already applied (docs/mappings.md)
 
     [limits]
     max_items = 10000            # items in one roster

@@ -458,6 +458,11 @@ class Dispatcher:
             self.feed = self.store.open_change_feed()
             if self.feed is None:
                 log.warning("the shim asked for outside changes; %s has none", self.store.describe())
+                if self.rules.policy.mutual_rows:
+                    # docs/mappings.md, "Rows read into two rosters".
+                    log.warning("mutual_rows is on but there is no change log: a contact's "
+                                "write to a shared row reaches this user's clients at their "
+                                "next roster fetch, without its presences")
         self.greeted = True  # only now: a feed that failed to open fails the hello
         log.info("hello from shim %s for %s: protocol %d", args.get("shim"), args.get("host"), max(common))
         policy = self.rules.policy

@@ -227,7 +227,26 @@ def roster_set(txn: RosterTxn, rules: Rules, item: dict[str, Any]) -> Outcome:
     if updated == row:
         return Outcome()
     stored = txn.put(updated) or updated
+    if not stored.in_roster:
+        # The store kept no item (an operator's schema that holds its members only, or no
+        # relationship without a request): answered with an error, and the transaction, with
+        # whatever part of the write the store did keep, is rolled back. A success pushed as
+        # "none" with the old version would leave a ghost item in every client caching by it.
+        raise cannot_hold(contact, "roster item")
     return Outcome(effects=[Push(txn.user, wire_item(stored), _version(txn, rules))])
+
+
+def cannot_hold(contact: str, what: str) -> errors.StanzaError:
+    """The refusal of a change the store keeps nothing of (RFC 6120 8.3.3.9 not-allowed, type
+    cancel: no retry or other form of the request can succeed; RFC 6121 2.2 answers a roster
+    that can take no more items the same way)."""
+    return errors.not_allowed(f"{contact} cannot be a {what} here: the operator's roster "
+                              "store cannot hold this contact")
+
+
+def _kept_nothing(stored: RosterRow) -> bool:
+    """Whether `put()` read back no row at all (what a store that kept nothing returns)."""
+    return not stored.in_roster and state_of(stored) == SubState()
 
 
 # Characters no name, group or request text may hold: C0 and C1 controls and DEL (NUL among
@@ -373,10 +392,15 @@ def subscription(
         event,
         pre_approval=rules.policy.pre_approval,
         auto_unsubscribed=rules.policy.auto_unsubscribed,
-        mutual_rows=rules.policy.mutual_rows,
+        # Only a contact the store holds can have written a row this roster reads: a stranger's
+        # unsubscribe is no repeat of anything (and a store holding no stranger shows no
+        # stranger's request pending either).
+        mutual_rows=rules.policy.mutual_rows and (stored is not None or txn.holds(contact)),
         replayed=replayed,
     )
     new = moved.new
+    if stored is None and new != SubState() and not txn.holds(contact):
+        return _not_held(txn, contact, event)  # known before writing: nothing to roll back
     in_roster = row.in_roster or (
         # U acting on C (asking, approving, pre-approving) makes C an item of U's roster.
         event.direction is Direction.OUT
@@ -423,8 +447,14 @@ def subscription(
             txn.delete(contact)  # a stranger's request, denied or withdrawn: forget it
         else:
             updated = txn.put(updated) or updated
+            if new != SubState() and _kept_nothing(updated):
+                # The store keeps nothing of a request or subscription with this contact.
+                return _not_held(txn, contact, event)
         if updated.in_roster and moved.changed:
             effects.append(Push(txn.user, wire_item(updated), _version(txn, rules)))
+        elif row.in_roster and not updated.in_roster:
+            # A cancellation the store keeps as no row at all: the item is gone.
+            effects.append(Push(txn.user, wire_item(updated, "remove"), _version(txn, rules)))
     if replayed and moved.deliver and not moved.changed and updated.in_roster:
         # Applied the first time (only the replay rule delivers what changes no state).
         effects.append(Push(txn.user, wire_item(updated), _version(txn, rules)))
@@ -436,6 +466,25 @@ def subscription(
         effects.append(SendUnavailable(txn.user, contact))
     answer = moved.deliver if event.direction is Direction.IN else moved.route
     return Outcome({answer_key: answer}, effects)
+
+
+def _not_held(txn: RosterTxn, contact: str, event: Event) -> Outcome:
+    """A subscription presence whose new state the store keeps nothing of (a contact outside an
+    operator's membership): it must not take effect on one side only.
+
+    Outbound, the user's client gets an error presence (StanzaError: the shim answers it, routes
+    nothing) and the transaction is rolled back. Inbound, it is not delivered: the user could
+    not accept a request nothing records. A request is declined on the user's behalf
+    (`unsubscribed`), so that the contact's server does not keep it pending for good.
+    """
+    if event.direction is Direction.OUT:
+        raise cannot_hold(contact, "contact for subscriptions")
+    log.info("%s: %s from %s not delivered: the store cannot hold this contact",
+             txn.user, event, contact)
+    effects: list[Effect] = []
+    if event.presence_type == "subscribe":
+        effects.append(RoutePresence(txn.user, contact, "unsubscribed"))
+    return Outcome({"deliver": False}, effects)
 
 
 def jid_info(txn: RosterTxn, rules: Rules, contact: str) -> Outcome:
@@ -559,6 +608,8 @@ def store_set_item(txn: RosterTxn, rules: Rules, record: dict[str, Any]) -> Outc
     if old == row:
         return Outcome({"ver": _version(txn, rules)})
     stored = txn.put(row) or row
+    if row.in_roster and not stored.in_roster:
+        raise cannot_hold(row.contact, "roster item")  # rolled back, as for a roster set
     ver = _version(txn, rules)
     if stored.in_roster:
         return Outcome({"ver": ver}, [Push(txn.user, wire_item(stored), ver)])

@@ -39,6 +39,7 @@ the look-up: a pending request in a direction that is already subscribed means n
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 
@@ -173,6 +174,17 @@ STATES: tuple[str, ...] = tuple(dict.fromkeys(state for state, _ in TABLE))
 EVENTS: tuple[Event, ...] = _COLUMNS
 
 
+# When the stored state shows an inbound presence applied already, so that one changing nothing
+# is delivered all the same with `mutual_rows` or `replayed` (step()). A row of RFC 6121 A.3's
+# "deliver" cells, read backwards: the state each delivered presence leaves.
+APPLIED: dict[str, Callable[[SubState], bool]] = {
+    "subscribe": lambda state: state.pending_in,  # C's request is pending
+    "subscribed": lambda state: state.has_to,  # U is subscribed to C
+    "unsubscribe": lambda state: not state.has_from and not state.pending_in,  # C has no sub
+    "unsubscribed": lambda state: not state.has_to and not state.pending_out,  # U has none
+}
+
+
 @dataclass(frozen=True)
 class Step:
     """What one event does to one roster item."""
@@ -210,11 +222,13 @@ def step(
     `replayed`: the shim sends an inbound presence again because it never got the first answer
     (docs/protocol.md, `replay`); one the stored state shows applied already is delivered.
 
-    `mutual_rows` is for operators' schemas where one row serves both people (a friendship):
-    there the contact's own write has already made the request pending (or the subscription
-    granted) when the contact's subscribe (or subscribed) reaches the user, and the table would
-    not deliver it; with `mutual_rows` it is delivered all the same, so the user's clients
-    see the request (or the approval) live.
+    `mutual_rows` is for operators' schemas where one row is read into two rosters (one
+    friendship row for two people, or a directed `follows` row, which is the follower's `to`
+    and the followee's `from`): there the contact's own write has already changed the user's
+    state when the contact's presence reaches the user (a subscribe made the request pending, a
+    subscribed granted the subscription, an unsubscribe took `from` away, an unsubscribed took
+    `to` away), and the table would drop it as a repeat; with `mutual_rows` it is delivered all
+    the same (APPLIED), so the user's clients see the request, approval or cancellation live.
     """
     old = canonical(state)
     cell = TABLE[(old.name, event)]
@@ -241,22 +255,16 @@ def step(
         new = SubState.from_name(approval.new_state)
         deliver, auto_reply = False, "subscribed"
 
-    if mutual_rows and (
-        (event == Event(Direction.IN, "subscribe") and old.pending_in)
-        or (event == Event(Direction.IN, "subscribed") and old.has_to)
-    ):
-        deliver = True
-    if replayed and not deliver and event.direction is Direction.IN and new == old:
-        # The shim sends the presence again because the first answer was lost: the state it
-        # leaves, unchanged now, shows it applied then, and its delivery went with that answer.
-        # Delivered again, as the contact sent it (a client shown a presence twice loses
-        # nothing; one never shown it keeps a stale request or subscription on screen).
-        deliver = {
-            "subscribe": new.pending_in,
-            "subscribed": new.has_to,
-            "unsubscribe": not new.has_from and not new.pending_in,
-            "unsubscribed": not new.has_to and not new.pending_out,
-        }[event.presence_type]
+    if (mutual_rows or replayed) and not deliver and event.direction is Direction.IN and new == old:
+        # The stored state, unchanged by the presence, shows it applied already (APPLIED).
+        # With `mutual_rows` the contact's own write did it: it changed the row this roster
+        # reads too. With `replayed` our first answer did, and its delivery went with that
+        # answer. Either way it is delivered, as the contact sent it (a client shown a presence
+        # twice loses nothing; one never shown it keeps a stale request or subscription on
+        # screen), and nothing else happens: the push and the presences that change implies
+        # belong to the write that made it (for the contact's write, the change feed reports
+        # it to this user's sessions: docs/mappings.md, "Rows read into two rosters").
+        deliver = APPLIED[event.presence_type](new)
     if auto_reply == "unsubscribed" and not auto_unsubscribed:
         auto_reply = None
     return Step(old=old, new=canonical(new), deliver=deliver, auto_reply=auto_reply, route=route)

@@ -218,10 +218,14 @@ def test_a_roster_set_tags_a_friend_and_a_remove_declines_the_friendship(dsn, pr
 def test_blocked_relationships_never_change_through_xmpp(dsn, program):
     befriend(dsn, "frank", "alice", "blocked")
     alice, frank = jid("alice"), jid("frank")
-    program.call("out_subscription", {"user": alice, "contact": frank, "type": "subscribe",
-                                      "status": None})
-    program.call("in_subscription", {"user": frank, "contact": alice, "type": "subscribe",
-                                     "status": None})
+    # The blocked row keeps nothing of a request: refused, rather than routed to Frank.
+    with pytest.raises(ProgramError) as refused:
+        program.call("out_subscription", {"user": alice, "contact": frank, "type": "subscribe",
+                                          "status": None})
+    assert refused.value.error["stanza_error"]["condition"] == "not-allowed"
+    # Nor is one that comes all the same (another node, an old journal) shown to Frank.
+    assert program.call("in_subscription", {"user": frank, "contact": alice, "type": "subscribe",
+                                            "status": None})["deliver"] is False
     program.call("out_subscription", {"user": frank, "contact": alice, "type": "subscribed",
                                       "status": None})
     assert friendships(dsn) == {("frank", "alice", "blocked")}
@@ -230,9 +234,12 @@ def test_blocked_relationships_never_change_through_xmpp(dsn, program):
 
 def test_someone_outside_the_application_is_not_stored(dsn, program):
     outsider = "stranger@elsewhere.example"
-    out = program.call("out_subscription", {"user": jid("alice"), "contact": outsider,
-                                            "type": "subscribe", "status": None})
-    assert out["route"] is True
+    # A request nothing would record is refused (an error presence to the client), not routed
+    # (tests/test_symmetric_rows.py has the rest of "a store that cannot hold an item").
+    with pytest.raises(ProgramError) as refused:
+        program.call("out_subscription", {"user": jid("alice"), "contact": outsider,
+                                          "type": "subscribe", "status": None})
+    assert refused.value.error["stanza_error"]["condition"] == "not-allowed"
     assert friendships(dsn) == set() and roster(program, jid("alice")) == {}
 
 

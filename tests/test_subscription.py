@@ -170,3 +170,49 @@ def test_with_mutual_rows_a_repeat_is_delivered(state, event):
     assert repeated.deliver is False and not repeated.changed
     mutual = step(SubState.from_name(state), event, mutual_rows=True)
     assert mutual.deliver is True and mutual.new == repeated.new
+
+
+# --- Rows read into two rosters (mutual_rows) ---------------------------------------------------
+# With one row read into two rosters (a friendship, or a directed follows row: the follower's
+# `to`, the followee's `from`), the contact's own write has already moved the user's state when
+# the contact's presence arrives, so the table sees a repeat. Per inbound column, the states
+# whose unchanged cell is then delivered as well (written from RFC 6121 A.3's delivered cells:
+# the state each leaves), every other part of every cell as in EXPECTED.
+MUTUAL_ALSO_DELIVERED = {
+    "subscribe": {"N+PI", "N+PO+PI", "T+PI"},  # the request is pending already
+    "subscribed": {"T", "T+PI", "B"},  # the user is subscribed already
+    "unsubscribe": {"N", "N+PO", "T"},  # the contact has no subscription, no request left
+    "unsubscribed": {"N", "N+PI", "F"},  # the user has no subscription, no request out left
+}
+MUTUAL_CELLS = [
+    pytest.param(state, event, cell, id=f"mutual-{state}-{event}")
+    for state, row in EXPECTED.items()
+    for event, cell in zip(COLUMNS, row, strict=True)
+    if event.direction is Direction.IN
+]
+
+
+@pytest.mark.parametrize("state, event, cell", MUTUAL_CELLS)
+def test_cell_with_mutual_rows(state, event, cell):
+    new_state, *flags = cell
+    moved = step(SubState.from_name(state), event, pre_approval=False, mutual_rows=True)
+    also = state in MUTUAL_ALSO_DELIVERED[event.presence_type]
+    assert moved.new == SubState.from_name(new_state)
+    assert moved.deliver == (D in flags or also)
+    expected_reply = "subscribed" if AS in flags else "unsubscribed" if AU in flags else None
+    assert moved.auto_reply == expected_reply
+    if also:
+        # Delivered only: the contact's write changed the row, and its push and presences
+        # come with that change (the change feed), never a second time from here.
+        assert not moved.changed and not moved.lost_from and not moved.gained_from
+
+
+def test_mutual_rows_delivers_the_cancellations_of_a_follows_pair():
+    """A and B follow each other (B both ways). B unsubscribes: B's write removed the row
+    B->A, so A reads T when the unsubscribe arrives; B's unsubscribed removed A->B: A reads F."""
+    unsubscribe, unsubscribed = Event(Direction.IN, "unsubscribe"), Event(Direction.IN, "unsubscribed")
+    for event, state_after_contact_write in ((unsubscribe, "T"), (unsubscribed, "F")):
+        plain = step(SubState.from_name(state_after_contact_write), event)
+        assert plain.deliver is False  # the bug: dropped as a repeat
+        mutual = step(SubState.from_name(state_after_contact_write), event, mutual_rows=True)
+        assert mutual.deliver is True and mutual.auto_reply is None and not mutual.changed

@@ -193,6 +193,15 @@ class RosterTxn(abc.ABC):
     def version(self) -> str:
         """The user's roster version as it stands inside this transaction."""
 
+    def holds(self, contact: str) -> bool:
+        """Whether the store can keep anything about `contact` in this roster at all.
+
+        True for the program's own schemas. An operator's schema may keep only its own members
+        (docs/mappings.md: a `user_id` statement that is NULL for anyone else); whatever the
+        answer, `put()` reads back what was really kept, and that is what counts.
+        """
+        return True
+
 
 @dataclass(frozen=True)
 class OutsideChange:

@@ -44,7 +44,10 @@ one `status` word looked up in `[status.read]`. A write gets the row's fields an
   able to hold every state (one friendship row for two people cannot say "I am subscribed to
   you but you are not to me"), and the program pushes what the database now says. It returns
   None when the row reads back exactly as given, the row read back otherwise, and a non-item
-  none-state row when the row does not read back at all (the mapping stored nothing).
+  none-state row when the row does not read back at all (the mapping stored nothing; the
+  roster logic then refuses the change rather than push it: docs/mappings.md, "A store that
+  cannot hold an item"). `holds()` says beforehand that a contact whose `user_id` is NULL
+  cannot be stored at all.
 - Versions come from the database. With a `version` statement it is whatever that statement
   returns (NULL: "0"); `bump_version` runs after every write so that the version moves even
   when the rows come back to an earlier state. Without one, the version is derived from the
@@ -413,6 +416,11 @@ class _MappedTxn(RosterTxn):
             log.warning("%s: the get statement returned %d rows for %s; using the first",
                         self.user, len(rows), contact)
         return rows[0] if rows else None
+
+    def holds(self, contact: str) -> bool:
+        """False for a contact the mapping's `user_id` finds no id for (not a member): the
+        documented convention for a schema that keeps its own members only."""
+        return "user_id" not in self._mapping.statements or self._id_of(contact) is not None
 
     def put(self, row: RosterRow) -> RosterRow | None:
         self._check_writable("put")
