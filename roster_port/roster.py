@@ -411,26 +411,24 @@ def subscription(
         if why := _full(txn, rules, request=not becomes_an_item):
             log.warning("%s: %s; %s with %s not applied", txn.user, why, event, contact)
             return Outcome({answer_key: False})
-    request_elements = row.request_elements
+    inbound_request = event == Event(Direction.IN, "subscribe")
     if not new.pending_in:
         request_text, request_elements = "", ()
-    elif elements is not None and event == Event(Direction.IN, "subscribe"):
-        # The request as it came, new or a repeat: the newest one is kept whole (a contact's
-        # client sends a subscribe again with what it means now, a XEP-0379 token that the
-        # first one's no longer is). A repeat changes nothing else: the table's cell is "no
-        # change" (no push), and a replay of the same presence writes nothing.
-        request_text = _request_text(status, rules.limits)
-        request_elements = (_request_elements(elements, rules.limits, txn.user, contact)
-                            if txn.keeps_request_elements else ())
     elif not moved.old.pending_in or (
-        event == Event(Direction.IN, "subscribe") and status and not row.request_text
+        inbound_request and (status or elements)
+        and not row.request_text and not row.request_elements
     ):
-        # A new request; or a repeat bringing the text the stored request lacks (with mutual
-        # rows, the contact's own write stored the request before its presence arrived). A
-        # repeat changes nothing else: the table's cell is "no change".
-        request_text, request_elements = _request_text(status, rules.limits), ()
+        # A new request, kept as it came; or a repeat bringing what the stored request lacks
+        # (with mutual rows, the contact's own write stored the request before its presence
+        # arrived). Any other repeat keeps the first request, as ejabberd and Prosody do: it
+        # writes nothing, so a contact (or a hostile server) repeating its subscribe moves
+        # neither the roster's version nor any node's change feed.
+        request_text = _request_text(status, rules.limits)
+        request_elements = (
+            _request_elements(elements, rules.limits, txn.user, contact)
+            if inbound_request and elements is not None and txn.keeps_request_elements else ())
     else:
-        request_text = row.request_text
+        request_text, request_elements = row.request_text, row.request_elements
     updated = row.evolve(
         subscription=new.subscription,
         pending_out=new.pending_out,

@@ -180,9 +180,7 @@ class Pair:
             self.send(receiver, "subscribed", via_roster=False)
             return
         cell = EXPECTED[(them.state, "in", ptype)]
-        # The newest request is kept (docs/protocol.md, "Subscription requests kept whole"):
-        # a repeated subscribe replaces the stored request's text; nothing else does.
-        text = status if ptype == "subscribe" or not them.pending_in else them.text
+        text = them.text if them.pending_in else status
         self._set(receiver, replace(them, state=cell.new, text=text))
         if cell.deliver:
             self.delivered[receiver].append(ptype)
