@@ -17,26 +17,25 @@
 %%% user's own groups, which may hold it already).
 %%%
 %%% The version. The other handlers' part changes without any write to the
-%%% program's store (a shared group gains a member), so it is never cached
-%%% and never part of the program's version. Their contribution, what they
-%%% give for an empty roster, is computed at each get and each push, and
-%%%   composed_ver(ProgramVer, []) = ProgramVer (no other handler adds
-%%%       anything: the answer and its version are exactly the program's),
-%%%   composed_ver(ProgramVer, C) = ProgramVer "+" HEX(sha1(canonical(C))).
-%%% A push computes it from the program's version after the write and the
-%%% contribution at the push, with no read of the program, so a later get
-%%% of the same state gives the same version. Invariant this relies on
-%%% (true of mod_shared_roster, mod_shared_roster_ldap and mod_mix_pam in
-%%% 23.01): what a handler makes of the program's items depends only on
-%%% those items and on what it adds to an empty roster. A handler that only
-%%% rewrites existing items from state of its own would change the roster
-%%% without changing its version (README of the shim, "mod_shared_roster
-%%% and other roster_get handlers").
+%%% program's store (a shared group gains a member, is relabelled or
+%%% deleted), mostly with no push at all (mod_shared_roster 23.01 pushes
+%%% nothing for set_group_opts, delete_group or a member's vCard), so it is
+%%% never cached and never part of the program's version. A get's version
+%%% is computed from the very roster it answers (one fold):
+%%%   the composition changes nothing: the program's version (the answer
+%%%       and its version are exactly the program's);
+%%%   otherwise: ProgramVer "+" HEX(sha1(canonical(ComposedRoster))).
+%%% A push cannot know what the client saw of the other handlers' part
+%%% (a relabelling it was never pushed), so while they contribute anything
+%%% for the user, a push carries ProgramVer "+push." Unique, which no get
+%%% answers as current: the client's next get is a full roster, never a
+%%% stale one declared current. When they contribute nothing for the user,
+%%% the push carries the program's version, as without them.
 %%%
 %%% Nothing here writes anything, asks the program, or caches anything.
 -module(roster_port_compose).
 
--export([active/1, compose/3, contribution/2, composed_ver/2, iq_answer/5,
+-export([active/1, compose/3, contribution/2, composed_ver/3, iq_answer/5,
          push_query/4]).
 
 -include("logger.hrl").
@@ -105,14 +104,22 @@ unique(Groups) ->
                             end, {[], sets:new()}, Groups),
     lists:reverse(Kept).
 
-%% @doc The version of a composed roster (see the module doc).
--spec composed_ver(binary() | nil, [#roster_item{}]) -> binary() | nil.
-composed_ver(ProgramVer, []) ->
+%% @doc The version of a get's answer: Composed is what compose/3 made of
+%% ProgramItems (see the module doc).
+-spec composed_ver(binary() | nil, [#roster_item{}], [#roster_item{}]) -> binary() | nil.
+composed_ver(ProgramVer, ProgramItems, ProgramItems) ->
     ProgramVer;
-composed_ver(ProgramVer, Contribution) when is_binary(ProgramVer) ->
-    Hash = crypto:hash(sha, term_to_binary(canonical(Contribution))),
+composed_ver(ProgramVer, _ProgramItems, Composed) when is_binary(ProgramVer) ->
+    Hash = crypto:hash(sha, term_to_binary(canonical(Composed))),
     <<ProgramVer/binary, "+", (binary:encode_hex(Hash))/binary>>;
-composed_ver(_NoVersioning, _Contribution) ->
+composed_ver(_NoVersioning, _ProgramItems, _Composed) ->
+    nil.
+
+%% A push's version while other handlers contribute: never a get's.
+push_ver(ProgramVer) when is_binary(ProgramVer) ->
+    Unique = integer_to_binary(erlang:unique_integer([positive])),
+    <<ProgramVer/binary, "+push.", Unique/binary>>;
+push_ver(_NoVersioning) ->
     nil.
 
 %% Items as plain terms (no records of a library's version), in one order.
@@ -136,24 +143,20 @@ canonical(Items) ->
           current | {binary() | nil, term()}.
 iq_answer(LServer, LUser, ClientVer, {ProgramVer, {ProgramQuery, ProgramItems, Approved}},
           MixAnnotate) ->
-    Ver = composed_ver(ProgramVer, contribution(LServer, LUser)),
+    Composed = compose(LServer, LUser, ProgramItems),
+    Ver = composed_ver(ProgramVer, ProgramItems, Composed),
     case is_binary(Ver) andalso Ver == ClientVer of
-        true ->
-            current;
-        false ->
-            case compose(LServer, LUser, ProgramItems) of
-                ProgramItems ->
-                    {Ver, ProgramQuery};
-                Composed ->
-                    {Ver, query(Approved, annotated(Composed, MixAnnotate), Ver)}
-            end
+        true -> current;
+        false when Composed == ProgramItems -> {Ver, ProgramQuery};
+        false -> {Ver, query(Approved, annotated(Composed, MixAnnotate), Ver)}
     end.
 
 %% @doc The query of a roster push of the program's WireItem (its JID known
 %% to be valid) at ProgramVer, composed: the item as the composed roster
 %% holds it after the change (a removed shared contact stays, as its group
-%% shows it), with the composed version. Exactly the program's push when no
-%% other handler runs.
+%% shows it). Its version is the program's when the other handlers give this
+%% user nothing, else one no get answers as current (the module doc says
+%% why). Exactly the program's push when no other handler runs.
 -spec push_query(binary(), binary(), map(), binary() | nil) -> term().
 push_query(LServer, LUser, WireItem, ProgramVer) ->
     case active(LServer) of
@@ -162,12 +165,16 @@ push_query(LServer, LUser, WireItem, ProgramVer) ->
         true ->
             {[#roster_item{jid = JID, subscription = Sub} = Item], _} =
                 roster_port_wire:roster_items([WireItem]),
-            Contribution = contribution(LServer, LUser),
-            Composed = case Sub of
-                           remove -> pick(JID, Contribution, Item);
-                           _ -> pick(JID, compose(LServer, LUser, [Item]), Item)
-                       end,
-            Ver = composed_ver(ProgramVer, Contribution),
+            Around = case Sub of
+                         remove -> contribution(LServer, LUser);
+                         _ -> compose(LServer, LUser, [Item])
+                     end,
+            Composed = pick(JID, Around, Item),
+            Ver = case Around of
+                      [] -> ProgramVer;   % removed, nothing shared: as without them
+                      [Item] -> ProgramVer;   % nothing shared for this user
+                      _ -> push_ver(ProgramVer)
+                  end,
             query([WireItem], annotated([Composed], false), Ver)
     end.
 

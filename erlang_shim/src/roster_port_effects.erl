@@ -126,16 +126,22 @@ local_resources(LUser, LServer) ->
 effect(#{<<"type">> := <<"push">>, <<"user">> := User, <<"item">> := Item} = E) ->
     #jid{luser = LUser, lserver = LServer} = BareJID = effect_jid(User),
     _ = effect_jid(maps:get(<<"jid">>, Item, undefined)),
-    %% The item and ver as the composed roster has them (mod_shared_roster...).
-    Query = roster_port_compose:push_query(LServer, LUser, Item, maps:get(<<"ver">>, E, nil)),
-    lists:foreach(
-      fun(Resource) ->
-              ejabberd_router:route(
-                #iq{type = set, from = BareJID,
-                    to = jid:replace_resource(BareJID, Resource),
-                    id = <<"push", (p1_rand:get_string())/binary>>,
-                    sub_els = [Query]})
-      end, local_resources(LUser, LServer));
+    case local_resources(LUser, LServer) of
+        [] ->
+            ok;  % nobody to push to here: the composition (folds of other modules) is not run
+        Resources ->
+            %% The item and ver as the composed roster has them (mod_shared_roster...).
+            Query = roster_port_compose:push_query(LServer, LUser, Item,
+                                                   maps:get(<<"ver">>, E, nil)),
+            lists:foreach(
+              fun(Resource) ->
+                      ejabberd_router:route(
+                        #iq{type = set, from = BareJID,
+                            to = jid:replace_resource(BareJID, Resource),
+                            id = <<"push", (p1_rand:get_string())/binary>>,
+                            sub_els = [Query]})
+              end, Resources)
+    end;
 effect(#{<<"type">> := <<"route_presence">>, <<"from">> := From, <<"to">> := To,
          <<"presence_type">> := Type} = E) ->
     ejabberd_router:route(

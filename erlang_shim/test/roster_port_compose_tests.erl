@@ -7,7 +7,7 @@
 -include_lib("eunit/include/eunit.hrl").
 -include("xmpp.hrl").
 
--export([shared/2, stopper/2, crasher/2, early/2]).
+-export([shared/2, relabelled/2, stopper/2, crasher/2, early/2]).
 
 -define(HOST, <<"example.com">>).
 -define(OURS, {50, mod_roster_port_hooks, roster_get}).
@@ -26,6 +26,7 @@ compose_test_() ->
       fun the_version_follows_the_contribution/0,
       fun a_get_with_the_composed_version_is_current/0,
       fun a_push_is_the_composed_item/0,
+      fun a_push_never_makes_a_stale_roster_current/0,
       fun stop_and_crashes_follow_the_hooks_rules/0,
       fun handlers_before_ours_run_on_the_empty_roster/0]}.
 
@@ -46,6 +47,11 @@ shared(Items, {LUser, _}) ->
                                end
                        end, Members, Items),
     [item(U, both, [<<"Team">>]) || U <- lists:sort(Rest)] ++ Merged.
+
+%% The same group, relabelled "Crew".
+relabelled(Items, US) ->
+    [I#roster_item{groups = [case G of <<"Team">> -> <<"Crew">>; _ -> G end
+                             || G <- I#roster_item.groups]} || I <- shared(Items, US)].
 
 stopper(_Items, _US) -> {stop, [item(<<"only">>, both, [])]}.
 crasher(_Items, _US) -> error(boom).
@@ -72,7 +78,7 @@ without_other_handlers_everything_is_the_programs() ->
     ?assertNot(roster_port_compose:active(?HOST)),
     ?assertEqual(Program, roster_port_compose:compose(?HOST, <<"alice">>, Program)),
     ?assertEqual([], roster_port_compose:contribution(?HOST, <<"alice">>)),
-    ?assertEqual(<<"7">>, roster_port_compose:composed_ver(<<"7">>, [])),
+    ?assertEqual(<<"7">>, roster_port_compose:composed_ver(<<"7">>, Program, Program)),
     Wire = wire(<<"bob">>, <<"to">>, [<<"Friends">>]),
     ?assertEqual(roster_port_wire:roster_query([Wire], <<"7">>),
                  roster_port_compose:push_query(?HOST, <<"alice">>, Wire, <<"7">>)).
@@ -102,11 +108,15 @@ the_version_follows_the_contribution() ->
     %% alice alone: nothing is added, the version is the program's.
     set_members([<<"alice">>]),
     ?assertEqual(<<"7">>, ver()),
-    ?assertEqual(nil, roster_port_compose:composed_ver(
-                        nil, roster_port_compose:contribution(?HOST, <<"bob">>))).
+    set_members([<<"alice">>, <<"bob">>]),
+    ?assertMatch({nil, _}, roster_port_compose:iq_answer(?HOST, <<"alice">>, nil,
+                                                        {nil, {program_query, [], []}}, false)).
 
+%% The version of alice's get when the program holds nothing for her.
 ver() ->
-    roster_port_compose:composed_ver(<<"7">>, roster_port_compose:contribution(?HOST, <<"alice">>)).
+    {Ver, _} = roster_port_compose:iq_answer(?HOST, <<"alice">>, nil,
+                                             {<<"7">>, {program_query, [], []}}, false),
+    Ver.
 
 a_get_with_the_composed_version_is_current() ->
     set_handlers([?OURS, {70, ?MODULE, shared}]),
@@ -114,9 +124,13 @@ a_get_with_the_composed_version_is_current() ->
     Items = [item(<<"dave">>, from, [])],
     Read = {<<"7">>, {program_query, Items, []}},
     {Ver, Query} = roster_port_compose:iq_answer(?HOST, <<"alice">>, <<"7">>, Read, false),
-    ?assertEqual(ver(), Ver),
+    ?assertMatch(<<"7+", _/binary>>, Ver),
     ?assertMatch(#roster_query{ver = Ver, items = [_, _]}, Query),
     ?assertEqual(current, roster_port_compose:iq_answer(?HOST, <<"alice">>, Ver, Read, false)),
+    %% The version is the answer's own: another roster of the program, another version.
+    {Other, _} = roster_port_compose:iq_answer(?HOST, <<"alice">>, nil,
+                                               {<<"7">>, {program_query, [], []}}, false),
+    ?assertNotEqual(Ver, Other),
     %% Nothing added: the program's own answer, with its own version.
     set_members([]),
     ?assertEqual({<<"7">>, program_query},
@@ -126,12 +140,12 @@ a_get_with_the_composed_version_is_current() ->
 a_push_is_the_composed_item() ->
     set_handlers([?OURS, {70, ?MODULE, shared}]),
     set_members([<<"alice">>, <<"bob">>]),
-    Ver = ver(),
     Renamed = (wire(<<"bob">>, <<"none">>, [<<"Friends">>, <<"Team">>]))#{<<"name">> => <<"B">>},
-    ?assertMatch(#roster_query{ver = Ver,
-                               items = [#roster_item{subscription = both, name = <<"B">>,
+    #roster_query{ver = PushVer} = Push =
+        roster_port_compose:push_query(?HOST, <<"alice">>, Renamed, <<"7">>),
+    ?assertMatch(#roster_query{items = [#roster_item{subscription = both, name = <<"B">>,
                                                      groups = [<<"Friends">>, <<"Team">>]}]},
-                 roster_port_compose:push_query(?HOST, <<"alice">>, Renamed, <<"7">>)),
+                 Push),
     %% A shared contact removed from one's own roster stays, as the group shows it.
     ?assertMatch(#roster_query{items = [#roster_item{subscription = both,
                                                      groups = [<<"Team">>]}]},
@@ -139,7 +153,31 @@ a_push_is_the_composed_item() ->
                                                 wire(<<"bob">>, <<"remove">>, []), <<"8">>)),
     ?assertMatch(#roster_query{items = [#roster_item{subscription = remove}]},
                  roster_port_compose:push_query(?HOST, <<"alice">>,
-                                                wire(<<"erin">>, <<"remove">>, []), <<"8">>)).
+                                                wire(<<"erin">>, <<"remove">>, []), <<"8">>)),
+    %% Nothing shared for alice: the program's push, with the program's version.
+    set_members([]),
+    ?assertMatch(#roster_query{ver = <<"7">>},
+                 roster_port_compose:push_query(?HOST, <<"alice">>,
+                                                wire(<<"dave">>, <<"to">>, []), <<"7">>)),
+    set_members([<<"alice">>, <<"bob">>]),
+    ?assertMatch(<<"7+push.", _/binary>>, PushVer).
+
+%% The review's case: the group is relabelled (mod_shared_roster pushes
+%% nothing), then an unrelated contact is renamed and pushed. The client,
+%% whose roster shows the old label, must not be told its roster is current.
+a_push_never_makes_a_stale_roster_current() ->
+    set_handlers([?OURS, {70, ?MODULE, shared}]),
+    set_members([<<"alice">>, <<"bob">>]),
+    Read = {<<"7">>, {program_query, [], []}},
+    {Before, _} = roster_port_compose:iq_answer(?HOST, <<"alice">>, nil, Read, false),
+    set_handlers([?OURS, {70, ?MODULE, relabelled}]),
+    #roster_query{ver = PushVer} =
+        roster_port_compose:push_query(?HOST, <<"alice">>, wire(<<"frank">>, <<"to">>, []),
+                                       <<"8">>),
+    After = {<<"8">>, {program_query, [item(<<"frank">>, to, [])], []}},
+    ?assertMatch({_, #roster_query{}},
+                 roster_port_compose:iq_answer(?HOST, <<"alice">>, PushVer, After, false)),
+    ?assertNotEqual(Before, PushVer).
 
 stop_and_crashes_follow_the_hooks_rules() ->
     set_handlers([?OURS, {60, ?MODULE, crasher}, {70, ?MODULE, shared}, {80, ?MODULE, stopper},
