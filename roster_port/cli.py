@@ -53,22 +53,28 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.as_user:
         return _check_as(args.as_user, config.source)
-    # A check leaves no new store behind: run as root, a new SQLite file would be root's,
-    # and the user ejabberd runs the program as could not write it.
-    new_sqlite_file = None
+    # A check never creates the store: run as root, a new SQLite file would be root's, and the
+    # user ejabberd runs the program as could not write it; removed afterwards, it could be the
+    # file a starting `serve` has just made. A missing file is checked as a scratch file beside
+    # it (the same directory, so the same rights), which the check alone ever opens.
+    new_sqlite_file = scratch_file = None
     if config.store.get("backend", "sqlite") == "sqlite":
         path = _sqlite_path(config)
         if not os.path.exists(path):
             new_sqlite_file = path
+            scratch_file = f"{path}.roster-port-check-{os.getpid()}"
+            config = dataclasses.replace(config, store={**config.store, "path": scratch_file})
     try:
         store = open_store(config)
     except (StoreError, OSError) as exc:
-        _remove_sqlite_file(new_sqlite_file)
-        _say(f"roster-port check: cannot open the store: {exc}")
+        _remove_sqlite_file(scratch_file)
+        message = str(exc).replace(scratch_file, new_sqlite_file) if scratch_file else str(exc)
+        _say(f"roster-port check: cannot open the store: {message}")
         return 1
     try:
         _say(f"config: {config.source}")
-        _say(f"store: {store.describe()}")
+        described = store.describe()
+        _say(f"store: {described.replace(scratch_file, new_sqlite_file) if scratch_file else described}")
         policy, limits = config.roster, config.limits
         _say(
             f"roster: versioning={policy.versioning} pre_approval={policy.pre_approval} "
@@ -84,8 +90,8 @@ def _check(args: argparse.Namespace) -> int:
         _say(f"log: {config.log.level} to {log_to}")
         _say(f"runs as: {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})")
         if new_sqlite_file:
-            _say(f"note: {new_sqlite_file} did not exist: this check removed the file it made; "
-                 "serve will create it")
+            _say(f"note: {new_sqlite_file} does not exist yet: serve will create it (checked "
+                 "with a scratch file beside it, removed)")
         if not log_writable:
             _say(f"roster-port check: this user cannot write the log file {config.log.file}: "
                  "serve would not start")
@@ -93,7 +99,7 @@ def _check(args: argparse.Namespace) -> int:
         _say("ok")
     finally:
         store.close()
-        _remove_sqlite_file(new_sqlite_file)
+        _remove_sqlite_file(scratch_file)
     return 0
 
 
@@ -112,14 +118,18 @@ def _check_as(user: str, config_path: str) -> int:
     except KeyError:
         _say(f"roster-port check: no user {user}")
         return 1
-    command = [sys.executable, "-m", "roster_port", "check", "--config", str(config_path)]
+    # Isolated (-I): neither the current directory nor root's PYTHON* variables may decide
+    # what code runs as that user; the installed program is what is checked.
+    command = [sys.executable, "-I", "-m", "roster_port", "check", "--config",
+               os.path.abspath(config_path)]
     if os.geteuid() != 0:
         if pwd.getpwuid(os.geteuid()).pw_name != user:
             _say(f"roster-port check: only root can check as {user}")
             return 1
     else:
         command = ["runuser", "-u", user, "--", *command]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd="/",
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
     sys.stdout.write(done.stdout)
     if done.returncode != 0:
         error = done.stderr.strip().splitlines()

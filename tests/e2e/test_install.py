@@ -112,7 +112,13 @@ def installation():
         prefix, sysconf = base / "opt", base / "etc"
         sysconf.mkdir()
         spool, logs = _ejabberd_dir(base, "store"), _ejabberd_dir(base, "logs")
-        # An operator's own configuration is kept as it is (the install never overwrites it).
+        # A first install writes its default configuration into a new directory; the second,
+        # an upgrade, keeps the operator's own (the install never overwrites one).
+        first = subprocess.run(
+            [str(REPO / "scripts/install"), "--sysconfdir", str(base / "etc-default"),
+             str(prefix)], capture_output=True, text=True, timeout=900,
+            env={k: v for k, v in os.environ.items() if k != "PYTHON"})
+        assert first.returncode == 0, first.stderr[-3000:]
         config = sysconf / "roster-port.toml"
         config.write_text(
             f'[store]\nbackend = "sqlite"\npath = "{spool}/roster-port.sqlite"\n\n'
@@ -207,6 +213,18 @@ modules:
                                  text=True, check=True).stdout
         return [tuple(line.split(None, 1)) for line in listing.splitlines()
                 if " serve --config " in line and "roster-port" in line]
+
+
+def test_the_first_install_writes_a_configuration_only_ejabberd_can_read(installation) -> None:
+    written = installation.base / "etc-default" / "roster-port.toml"
+    mode = os.stat(written)
+    assert (mode.st_mode & 0o777, mode.st_uid) == (0o640, 0)
+    assert mode.st_gid == pwd.getpwnam("ejabberd").pw_gid
+    text = written.read_text()
+    assert 'path = "/var/lib/ejabberd/roster-port.sqlite"' in text
+    assert 'file = "/var/log/ejabberd/roster-port.log"' in text
+    # Its check ran as ejabberd on a scratch file: the system's directory is left as it was.
+    assert not Path("/var/lib/ejabberd/roster-port.sqlite").exists()
 
 
 def test_the_install_uses_debians_python_and_no_test_dependency(installation) -> None:
@@ -325,12 +343,16 @@ def json_string(value: str) -> str:
     return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
 
 
-def test_uninstall_removes_the_prefix_and_keeps_the_configuration(installation) -> None:
+def test_uninstall_removes_what_it_installed_and_nothing_else(installation) -> None:
+    # Something of the operator's, put there after the install, is kept (and so its directory).
+    (installation.prefix / "operator-notes.txt").write_text("mine")
     done = subprocess.run([str(REPO / "scripts/install"), "--uninstall", str(installation.prefix)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert not installation.prefix.exists()
+    assert sorted(p.name for p in installation.prefix.iterdir()) == ["operator-notes.txt"]
     assert installation.config.exists()
+    (installation.prefix / "operator-notes.txt").unlink()
+    installation.prefix.rmdir()
 
 
 def test_uninstall_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
@@ -345,3 +367,24 @@ def test_uninstall_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "not made by scripts/install" in done.stderr
     assert (precious / "data").read_text() == "keep me"
+    # Nor does it install into it (found by review: `scripts/install /usr/local` then
+    # `--uninstall /usr/local` would have removed /usr/local).
+    into = subprocess.run([str(REPO / "scripts/install"), str(precious)],
+                          capture_output=True, text=True, timeout=60)
+    assert into.returncode != 0
+    assert "exists and was not made by scripts/install" in into.stderr
+    assert sorted(p.name for p in precious.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("option", ["PREFIX", "--sysconfdir"])
+def test_a_path_the_printed_lines_could_not_hold_is_refused_before_anything(tmp_path, option):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    spaced = tmp_path / "with space"
+    args = [str(spaced)] if option == "PREFIX" else ["--sysconfdir", str(spaced), str(tmp_path / "p")]
+    done = subprocess.run([str(REPO / "scripts/install"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert "give an absolute path of letters, digits" in done.stderr
+    assert not spaced.exists() and not (tmp_path / "p").exists()
