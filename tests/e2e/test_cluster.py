@@ -335,6 +335,7 @@ async def until(condition, what: str, timeout: float = 30.0) -> None:
     while not await asyncio.to_thread(condition):
         if loop.time() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)  # a condition is an rpc or a query: not back to back
 
 
 def rows(dsn: str, user: str, contact: str) -> tuple | None:

@@ -28,6 +28,7 @@ them in row order.
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import json
 import re
@@ -158,7 +159,11 @@ class Clients:
 
     async def requests_at_login(self) -> dict[str, set[tuple[str, str | None]]]:
         """The subscription requests each user was sent since login: (from, text)."""
-        await asyncio.sleep(0.5)  # they come right after the available presence
+        # Stored requests are sent by the c2s_self_presence hook, in the session's process,
+        # while it handles the available presence: a roster get sent after that presence is
+        # answered by the same process after it, so once it is answered they have all come.
+        for client in self.by_name.values():
+            await client.roster_get()
         return {name: {(p.from_jid, p.status) for p in client.presences if p.type == "subscribe"}
                 for name, client in self.by_name.items()}
 
@@ -166,7 +171,13 @@ class Clients:
         for client in self.by_name.values():
             client.xmpp.disconnect()
         self.by_name.clear()
-        await asyncio.sleep(0.3)
+        # Until ejabberd has closed the sessions (the next phase may restart it or log in
+        # again with the same resources).
+        deadline = time.monotonic() + 10
+        while self.node.rpc("io:format(\"~p~n\", [rpc:call(Node, ejabberd_sm, "
+                            "connected_users_number, [])])").strip().splitlines()[-1] != "0":
+            assert time.monotonic() < deadline, "sessions still open 10 s after logout"
+            await asyncio.sleep(0.05)
 
 
 async def wait_for(client: Client, contact: str, predicate, timeout: float = 5.0) -> None:
