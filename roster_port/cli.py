@@ -164,6 +164,7 @@ def _outside_changes(config: Config, mapping) -> str:
         return ("pushed: the program's own change table (roster_changes, written by its "
                 "triggers), polled every 0.2 s by one program per ejabberd node")
     import psycopg
+    from psycopg import sql
 
     from .store.mapped import tables_read
     from .store.pg_changes import CHANNEL, triggers_that_log
@@ -177,8 +178,8 @@ def _outside_changes(config: Config, mapping) -> str:
             ).fetchone()[0]
             triggers = triggers_that_log(connection)
             read = tables_read(mapping, connection) if mapping is not None else []
-            connection.execute(f"LISTEN {CHANNEL}")
-            connection.execute(f"UNLISTEN {CHANNEL}")
+            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            connection.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(CHANNEL)))
     except psycopg.Error as exc:
         return f"unknown: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}"
     if not has_log:
