@@ -3,8 +3,8 @@
 A real ejabberd 23.01 with mod_roster_port, the real program on `backend = "postgres_mapped"`
 with examples/social/mapping.toml and the [roster] settings of examples/social/roster-port.toml,
 on a fresh schema of the test PostgreSQL holding examples/social/schema.sql, roster-port's change
-log (install_change_log) and examples/social/triggers.sql, exactly as the example's README
-installs them. The XMPP domain is the application's, social.example; an XMPP account is
+log (`roster-port install-change-log`) and examples/social/triggers.sql, exactly as the
+example's README installs them. The XMPP domain is the application's, social.example; an XMPP account is
 registered (in ejabberd's Mnesia) for each application user.
 
 The tests judge the server's view only: raw roster IQ gets, the pushes and presences the
@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -26,7 +28,6 @@ import pytest
 from slixmpp.exceptions import IqError
 
 from ejabberd_harness import EJABBERD_LIBS, SHIM_EBIN, EjabberdServer
-from roster_port.store.pg_changes import install_change_log
 from xmpp_client import Client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -103,14 +104,21 @@ def example_roster_section(read_only: bool) -> str:
 
 
 @pytest.fixture
-def app(pg_server):
+def app(pg_server, tmp_path):
     """A fresh schema loaded as examples/social/README.md says: the application's tables, the
     change log (roster_port_log_change()), then the application's triggers calling it."""
     schema = pg_server.create_schema()
     dsn = pg_server.dsn(schema)
     with psycopg.connect(dsn) as connection:
         connection.execute((EXAMPLE / "schema.sql").read_text(encoding="utf-8"))
-        install_change_log(connection)
+    config = tmp_path / "install-change-log.toml"
+    config.write_text(f'[store]\nbackend = "postgres_mapped"\ndsn = {json.dumps(dsn)}\n'
+                      f'mapping = "{EXAMPLE / "mapping.toml"}"\n')
+    installed = subprocess.run([sys.executable, "-m", "roster_port", "install-change-log",
+                                "--config", str(config)], capture_output=True, text=True,
+                               timeout=60)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    with psycopg.connect(dsn) as connection:
         connection.execute((EXAMPLE / "triggers.sql").read_text(encoding="utf-8"))
         for username, display_name in PEOPLE.items():
             connection.execute("INSERT INTO users (username, display_name) VALUES (%s, %s)",
