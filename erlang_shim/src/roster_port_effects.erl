@@ -180,10 +180,12 @@ effect(Other) ->
 handle_async(Host, {notification, <<"roster_changed">>, Params}) ->
     %% The worker has already dropped the user's cached reads.
     run_effects(Host, maps:get(<<"effects">>, Params, []));
-handle_async(_Host, {notification, <<"feed_resumed">>, _Params}) ->
-    %% The program's change feed is connected again; the worker has emptied
-    %% the read cache, as for any notification but roster_changed.
-    ok;
+handle_async(Host, {notification, <<"feed_resumed">>, _Params}) ->
+    %% The program's change feed is connected again (its database is back);
+    %% the worker has emptied the read cache, as for any notification but
+    %% roster_changed. Presences journalled while the store was unavailable
+    %% are run now rather than at their next retry (up to 1 s away).
+    roster_port_journal:retry_now(Host);
 handle_async(Host, {notification, Name, _Params}) ->
     ?WARNING_MSG("roster-port ~ts: ignoring unknown notification ~ts", [Host, Name]);
 handle_async(Host, {late, _Op, _Args, {ok, Result}}) ->

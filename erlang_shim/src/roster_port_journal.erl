@@ -28,7 +28,9 @@
 %%%   - An entry that failed for a reason that heals (program down or slow,
 %%%     database down, overload) is retried, the user's later entries
 %%%     behind it, every RETRY_MIN_MS doubling to RETRY_MAX_MS, for as long
-%%%     as it takes: a presence is never dropped for being late. One that
+%%%     as it takes: a presence is never dropped for being late. When the
+%%%     program says its store is back (retry_now/1, on its feed_resumed
+%%%     after an outage), every entry waiting for a retry is run at once. One that
 %%%     cannot succeed (the program refused it: a bad contact, a full roster)
 %%%     is dropped with a log line, and so, after MAX_ATTEMPTS, is one whose
 %%%     run crashed or that the program answered `internal` (a bug).
@@ -64,7 +66,7 @@
 -behaviour(gen_server).
 
 -export([child_spec/2, name/1, start_link/2, append/5, append/6, done/2, failed/3,
-         status/1, retry_reason/1]).
+         status/1, retry_reason/1, retry_now/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -include_lib("kernel/include/logger.hrl").
@@ -104,6 +106,8 @@
          max_entries :: pos_integer(),
          max_user_entries :: pos_integer(),
          compact_records :: pos_integer(),
+         retry_min_ms :: pos_integer(),
+         retry_max_ms :: pos_integer(),
          %% Tokens of another instance (before a restart) name nothing here.
          epoch :: reference(),
          next_seq = 1 :: seq(),
@@ -202,6 +206,13 @@ done(Host, Token) ->
 failed(Host, Token, Error) ->
     gen_server:cast(name(Host), {failed, Token, Error}).
 
+%% @doc Runs every entry waiting for its retry now: what made them fail may
+%% have healed (the program's store is reachable again). A journal that is
+%% not running ignores it.
+-spec retry_now(binary()) -> ok.
+retry_now(Host) ->
+    gen_server:cast(name(Host), retry_now).
+
 -spec status(binary()) -> undefined | map().
 status(Host) ->
     try gen_server:call(name(Host), status, 5000)
@@ -240,7 +251,9 @@ init({Host, #{dir := Dir, apply := Apply} = Opts}) ->
                             max_user_entries = maps:get(max_user_entries, Opts,
                                                         ?MAX_USER_ENTRIES),
                             compact_records = maps:get(compact_records, Opts,
-                                                       ?COMPACT_RECORDS)},
+                                                       ?COMPACT_RECORDS),
+                            retry_min_ms = maps:get(retry_min_ms, Opts, ?RETRY_MIN_MS),
+                            retry_max_ms = maps:get(retry_max_ms, Opts, ?RETRY_MAX_MS)},
             State = recover(State0),
             case maps:size(State#state.entries) of
                 0 -> ok;
@@ -290,6 +303,8 @@ handle_cast({failed, {Epoch, Seq}, Error}, #state{epoch = Epoch} = State) ->
     {noreply, kick(caller_ended(Seq, {failed, Error}, State))};
 handle_cast({abandoned, Ref}, State) ->
     {noreply, kick(abandoned(Ref, State))};
+handle_cast(retry_now, State) ->
+    {noreply, kick(due_retries(State, infinity))};
 handle_cast(_Msg, State) ->
     %% done/failed of another instance: whatever it was is read from the
     %% file again and run by this one.
@@ -445,7 +460,8 @@ ended(User, Seq, Outcome, State0) ->
             forget(User, Seq, State);
         {retry, Why} when (Why /= internal andalso Why /= crashed)
                           orelse Attempts + 1 < ?MAX_ATTEMPTS ->
-            Delay = min(?RETRY_MAX_MS, ?RETRY_MIN_MS bsl min(Attempts, 8)),
+            Delay = min(State#state.retry_max_ms,
+                        State#state.retry_min_ms bsl min(Attempts, 8)),
             ?LOG_DEBUG("roster-port ~ts: ~ts for ~ts not carried out (~p); retrying in ~B ms",
                        [State#state.host, Op, User, Why, Delay]),
             Entries = (State#state.entries)#{Seq => {User, Op, Args, Attempts + 1}},
@@ -556,7 +572,9 @@ make_durable(#state{log = Log} = State) ->
 
 %% Heads whose retry is due are ready to run.
 due_retries(State) ->
-    Now = now_ms(),
+    due_retries(State, now_ms()).
+
+due_retries(State, Now) ->
     case gb_sets:is_empty(State#state.retries) of
         true ->
             State;
@@ -570,7 +588,7 @@ due_retries(State) ->
                                                       heads = maps:remove(User, State1#state.heads)});
                                     _ ->
                                         State1
-                                end);
+                                end, Now);
                 _ ->
                     State
             end

@@ -91,6 +91,7 @@ journal_test_() ->
     [{timeout, 30, with_journal(T)}
      || T <- [fun caller_runs_first_journal_runs_the_rest/1,
               fun failed_entry_is_retried_and_holds_the_rest/1,
+              fun retry_now_runs_what_waits_for_its_retry/1,
               fun users_are_independent/1,
               fun caused_by_the_head_comes_right_after_it/1,
               fun entries_survive_a_restart_in_order/1,
@@ -127,6 +128,21 @@ failed_entry_is_retried_and_holds_the_rest(_) ->
                {_, #{<<"n">> := 2}} = expect_run(ok),
                ok = wait_until(fun() -> pending() == 0 end, 2000)
            end.
+
+%% The program's store is back (feed_resumed): entries waiting for their
+%% retry run at once, not at its time (here a minute away).
+retry_now_runs_what_waits_for_its_retry(Pid) ->
+    stop(Pid),
+    _ = start(#{retry_min_ms => 60000, retry_max_ms => 60000}),
+    {run, S1} = roster_port_journal:append(?HOST, <<"u@h">>, ?OP, args(1), 5000),
+    queued = append_elsewhere(<<"u@h">>, args(2)),
+    roster_port_journal:failed(?HOST, S1, {error, {program, #{<<"code">> => <<"store_unavailable">>}}}),
+    ok = wait_until(fun() -> maps:get(retrying, roster_port_journal:status(?HOST)) == 1 end, 5000),
+    no_run_within(200),
+    roster_port_journal:retry_now(?HOST),
+    {_, #{<<"n">> := 1}} = expect_run(ok),
+    {_, #{<<"n">> := 2}} = expect_run(ok),
+    ok = wait_until(fun() -> pending() == 0 end, 2000).
 
 users_are_independent(_) ->
     begin
