@@ -24,6 +24,10 @@ Rules every adapter keeps (the contract suite in tests/store_contract.py checks 
   that made it (the ejabberd node the program serves; nothing for other applications), so that
   `open_change_feed()` reports the changes of every other origin: other applications and other
   ejabberd nodes. A node's own changes are pushed by the responses that made them.
+- Each change a feed reports carries where its read stood in the log (`OutsideChange.read_at`),
+  and a transaction tells whether the log holds entries of its user committed after that
+  (`RosterTxn.logged_after`, any origin): the notification's pushes then carry a partial
+  version (roster.outside_changes; docs/changes.md).
 """
 
 from __future__ import annotations
