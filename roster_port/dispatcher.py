@@ -384,7 +384,9 @@ class Dispatcher:
     def notification(self, user: str, changes: list[OutsideChange], store: RosterStore) -> bytes | None:
         """The `roster_changed` notification for `user`'s rows other applications changed,
         read in one snapshot of `store` (run in the user's order, like a request of the user:
-        a notification never carries an older state than a response written before it)."""
+        a notification never carries an older state than a response written before it). Its
+        pushes' version is partial when that snapshot shows changes committed after the
+        feed's read of `changes` (roster.outside_changes)."""
         try:
             with store.snapshot(user) as txn:
                 effects = roster.outside_changes(txn, self.rules, changes)

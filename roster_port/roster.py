@@ -184,6 +184,18 @@ def _version(txn: RosterTxn, rules: Rules) -> str | None:
     return txn.version() if rules.policy.versioning else None
 
 
+# What a partial version ends with. No store's version does: the native stores' are decimal
+# counters, a mapped store's derived one a hex digest (an operator's `version` statement must
+# not end with it: docs/protocol.md), and the shim's own marks begin with "+".
+PARTIAL_VERSION_MARK = "~partial"
+
+
+def partial_version(ver: str) -> str:
+    """`ver` marked as counting changes not pushed yet: a client holding it gets the whole
+    roster at its next get, since no store's version, hence no get's answer, is ever equal."""
+    return ver + PARTIAL_VERSION_MARK
+
+
 # --- Roster gets ------------------------------------------------------------------------------
 
 
@@ -549,14 +561,25 @@ def remove_user(txn: RosterTxn, rules: Rules) -> Outcome:
 def outside_changes(txn: RosterTxn, rules: Rules, changes: list[OutsideChange]) -> list[Effect]:
     """What U's clients and contacts must learn of rows another application changed.
 
-    `changes` are about `txn.user`, oldest first; `txn` shows the rows as they are now. Each
-    contact touched is pushed once, as it stands now (or removed), and the presence consequences
-    follow from the subscription before the first change and after the last.
+    `changes` are about `txn.user`, oldest first, as one read of the change feed reported
+    them; `txn` shows the rows as they are now. Each contact touched is pushed once, as it
+    stands now (or removed), and the presence consequences follow from the subscription before
+    the first change and after the last.
+
+    The pushes carry the version read now, unless it may count a change this batch does not
+    push: one committed after the feed's read (`txn.logged_after`: another application's or
+    node's, pushed by a later batch, or this node's own, pushed by its response, maybe after
+    this). A client keeping that version would be told "current" at its next get and miss the
+    change for good, so the pushes then carry it marked partial (`partial_version`), which no
+    get answers as current; the later push carries a version of its own.
     """
     first_old: dict[str, str | None] = {}
     for change in changes:
         first_old.setdefault(change.contact, change.old_subscription)
+    # Read before asking the log: whatever the version counts, the log shows too.
     ver = _version(txn, rules)
+    if ver is not None and changes and txn.logged_after(changes[-1].read_at):
+        ver = partial_version(ver)
     effects: list[Effect] = []
     for contact, old_subscription in first_old.items():
         row = txn.get(contact)

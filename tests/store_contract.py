@@ -21,6 +21,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import queue
+import selectors
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -29,6 +32,8 @@ from hypothesis import strategies as st
 
 from roster_port.store.base import (
     SUBSCRIPTIONS,
+    ChangeFeed,
+    OutsideChange,
     RosterRow,
     RosterStore,
     StoreError,
@@ -81,6 +86,31 @@ def put_rows(store: RosterStore, user: str, *rows: RosterRow) -> str:
         for row in rows:
             txn.put(row)
         return txn.version()
+
+
+def feed_changes(feed: ChangeFeed, *, until: int, timeout: float = 5.0) -> list[OutsideChange]:
+    """What `feed` reports, read as the server reads it (woken by its fileno, or polled),
+    until `until` changes came or `timeout` passed (at least one read)."""
+    changes: list[OutsideChange] = []
+    deadline = time.monotonic() + timeout
+    fileno = feed.fileno()
+    with selectors.DefaultSelector() as selector:
+        if fileno is not None:
+            selector.register(fileno, selectors.EVENT_READ)
+        while True:
+            changes += feed.read()
+            remaining = deadline - time.monotonic()
+            if len(changes) >= until or remaining <= 0:
+                return changes
+            if fileno is not None:
+                selector.select(remaining)
+            else:
+                threading.Event().wait(min(feed.poll_interval or remaining, remaining))
+
+
+def logged_after(store: RosterStore, user: str, position: object | None) -> bool:
+    with store.snapshot(user) as txn:
+        return txn.logged_after(position)
 
 
 class Boom(Exception):
@@ -481,6 +511,54 @@ class StoreContract:
         assert read_version(store, ALICE) == version
         put_rows(store, ALICE, RosterRow("b@example.com"))
         assert len(read_rows(store, ALICE)) == 2
+
+    # --- The change log, as a feed's notification asks it (RosterTxn.logged_after) ----------
+
+    def test_logged_after_tells_the_entries_committed_after_a_feeds_read(self, store_factory):
+        store, other_node = store_factory.open(), store_factory.open()
+        store.origin, other_node.origin = "ejabberd@a", "ejabberd@b"
+        assert logged_after(store, ALICE, None) is False  # no position: nothing known
+        feed = store.open_change_feed()
+        if feed is None:  # no change log: nothing to tell, whatever is written
+            put_rows(other_node, ALICE, RosterRow("a@example.com"))
+            assert logged_after(store, ALICE, None) is False
+            return
+        try:
+            feed_changes(feed, until=0)  # the feed reports what commits from now on
+            put_rows(other_node, ALICE, RosterRow("a@example.com"))
+            [change] = feed_changes(feed, until=1)
+            assert change.read_at is not None
+            assert logged_after(store, ALICE, change.read_at) is False  # it was read
+            put_rows(other_node, ALICE, RosterRow("b@example.com"))  # committed after the read
+            assert logged_after(store, ALICE, change.read_at) is True
+            assert logged_after(store, BOB, change.read_at) is False  # per user
+            [change] = feed_changes(feed, until=1)
+            assert logged_after(store, ALICE, change.read_at) is False
+            put_rows(store, ALICE, RosterRow("c@example.com"))  # this node's own, any origin
+            assert feed_changes(feed, until=1, timeout=0.3) == []  # never reported
+            assert logged_after(store, ALICE, change.read_at) is True
+        finally:
+            feed.close()
+
+    def test_logged_after_tells_an_entry_uncommitted_at_the_read_committed_since(
+            self, store_factory):
+        store, node_b, node_c = (store_factory.open() for _ in range(3))
+        store.origin, node_b.origin, node_c.origin = "ejabberd@a", "ejabberd@b", "ejabberd@c"
+        feed = store.open_change_feed()
+        if feed is None:
+            pytest.skip("no change log: logged_after is always False (the test above)")
+        try:
+            feed_changes(feed, until=0)
+            put_rows(node_c, BOB, RosterRow("a@example.com"))
+            with node_b.transaction(ALICE) as txn:
+                txn.put(RosterRow("late@example.com"))
+                txn.count()  # the write sent (an adapter may hold it until the next statement)
+                [change] = feed_changes(feed, until=1)
+                assert change.user == BOB
+                assert logged_after(store, ALICE, change.read_at) is False  # not committed
+            assert logged_after(store, ALICE, change.read_at) is True
+        finally:
+            feed.close()
 
     def test_describe_is_one_line(self, store):
         description = store.describe()

@@ -24,6 +24,10 @@ Rules every adapter keeps (the contract suite in tests/store_contract.py checks 
   that made it (the ejabberd node the program serves; nothing for other applications), so that
   `open_change_feed()` reports the changes of every other origin: other applications and other
   ejabberd nodes. A node's own changes are pushed by the responses that made them.
+- Each change a feed reports carries where its read stood in the log (`OutsideChange.read_at`),
+  and a transaction tells whether the log holds entries of its user committed after that
+  (`RosterTxn.logged_after`, any origin): the notification's pushes then carry a partial
+  version (roster.outside_changes; docs/changes.md).
 """
 
 from __future__ import annotations
@@ -193,6 +197,18 @@ class RosterTxn(abc.ABC):
     def version(self) -> str:
         """The user's roster version as it stands inside this transaction."""
 
+    def logged_after(self, position: object | None) -> bool:
+        """Whether the change log holds entries for this user that this transaction sees but
+        that were not committed yet at `position`, whatever their origin (this node's own
+        included): a change-feed read position, as `OutsideChange.read_at` carries it.
+
+        The notification of a feed's batch asks it: a version read now that counts such an
+        entry counts a change the batch does not push (roster.outside_changes). A store
+        without a change log has no feed and nothing to tell: False, which keeps the version
+        as read; so does a position no feed of this store made (None among them).
+        """
+        return False
+
     def holds(self, contact: str) -> bool:
         """Whether the store can keep anything about `contact` in this roster at all.
 
@@ -215,6 +231,10 @@ class OutsideChange:
     # When its entry was recorded in the change log (seconds since the epoch, the database's
     # clock), for the change-feed lag metric; None when the feed does not know.
     recorded_at: float | None = field(default=None, compare=False)
+    # Where the feed's read that reported it stood in the log (opaque: only a transaction of
+    # the same store reads it, `RosterTxn.logged_after`); every change of one read() carries
+    # the same one. None when the feed does not know.
+    read_at: object | None = field(default=None, compare=False)
 
 
 class ChangeFeed(abc.ABC):

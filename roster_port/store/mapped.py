@@ -91,7 +91,7 @@ from typing import Any
 import psycopg
 
 from .base import SUBSCRIPTIONS, RosterRow, RosterTxn, StoreError, stored_groups, stored_text
-from .pg_changes import set_origin
+from .pg_changes import logged_after_query, set_origin
 from .postgres import _BEGIN_SNAPSHOT, _BEGIN_WRITE, _SET_LOCK_TIMEOUT, PostgresStore, _one_line
 
 log = logging.getLogger(__name__)
@@ -478,6 +478,16 @@ class _MappedTxn(RosterTxn):
             return "0" if value is None or value == "" else str(value)
         rows = self._rows if self._rows is not None else self.rows()
         return _row_digest(rows)
+
+    def logged_after(self, position: object | None) -> bool:
+        # Without the change log there is no feed either, and nothing to ask.
+        query = logged_after_query(self.user, position) if self._store._has_change_log else None
+        if query is None:
+            return False
+        if not self._open:
+            raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
+        with self._store._translated_errors(self._connection):
+            return self._connection.execute(*query).fetchone()[0]
 
 
 # --- The store ------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ import selectors
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -241,6 +241,31 @@ _READ_ENTRIES = """
                        AND origin IS DISTINCT FROM %s), '[]'::json)
     FROM pg_current_snapshot() AS s
 """
+
+
+class SnapshotPosition(NamedTuple):
+    """Where a read of PostgresChangeFeed stood: its snapshot (xmax, xip). An entry was not
+    committed yet there iff its `xact` is >= xmax or in xip (the module docstring)."""
+
+    xmax: int
+    xip: tuple[int, ...]
+
+
+# For RosterTxn.logged_after: an entry of the user that the transaction sees but a read's
+# snapshot did not (whatever its origin). The `xact` index finds the few entries since then.
+_LOGGED_AFTER = """
+    SELECT EXISTS (SELECT 1 FROM roster_port_changes
+                   WHERE (xact >= %s::text::xid8 OR xact = ANY(%s::text[]::xid8[]))
+                     AND username = %s)
+"""
+
+
+def logged_after_query(user: str, position: object | None) -> tuple[str, tuple] | None:
+    """The statement (and its parameters) telling whether the change log holds entries of
+    `user` not committed yet at `position`; None for a position no PostgresChangeFeed made."""
+    if not isinstance(position, SnapshotPosition):
+        return None
+    return _LOGGED_AFTER, (str(position.xmax), [str(xid) for xid in position.xip], user)
 
 
 class PostgresChangeFeed(ChangeFeed):
@@ -420,8 +445,10 @@ class PostgresChangeFeed(ChangeFeed):
             records = []
             self._resumed = True  # what it logged before now is never reported
         self._xmax, self._xip = xmax, [int(xid) for xid in xip]
+        # Every entry reported was committed in this snapshot (the statement read them in it).
+        read_at = SnapshotPosition(self._xmax, tuple(self._xip))
         return [OutsideChange(user, contact, old, new,
-                              float(at) if isinstance(at, (int, float)) else None)
+                              float(at) if isinstance(at, (int, float)) else None, read_at)
                 for user, contact, old, new, at in records]
 
     @staticmethod

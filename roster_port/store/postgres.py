@@ -110,6 +110,7 @@ from roster_port.store.pg_changes import (
     SET_ORIGIN_SQL,
     PostgresChangeFeed,
     install_change_log,
+    logged_after_query,
 )
 
 log = logging.getLogger(__name__)
@@ -655,6 +656,10 @@ class _PostgresTxn(RosterTxn):
                 raise StoreError(f"the transaction on {self.user!r} is over; open a new one")
             self._check_counter = True  # counted: checked against the table at COMMIT
         return str(self._counter)
+
+    def logged_after(self, position: object | None) -> bool:
+        query = logged_after_query(self.user, position)
+        return query is not None and self._execute(*query).fetchone()[0]
 
 
 def _counter_of(cursor: psycopg.Cursor) -> int:

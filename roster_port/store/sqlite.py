@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from roster_port.store.base import (
     DEFAULT_ORIGIN,
@@ -339,6 +340,16 @@ class _SQLiteTxn(RosterTxn):
             "SELECT counter FROM roster_versions WHERE user = ?", (self.user,)
         ).fetchone()
         return "0" if record is None else str(record[0])
+
+    def logged_after(self, position: object | None) -> bool:
+        if not isinstance(position, SQLiteFeedPosition):
+            return False
+        # Writers take turns (BEGIN IMMEDIATE), so ids grow in commit order: "after the last
+        # id read" is exactly "not committed yet at that read". A range of the primary key.
+        return self._execute(
+            "SELECT EXISTS (SELECT 1 FROM roster_changes WHERE id > ? AND user = ?)",
+            (position.last_id, self.user),
+        ).fetchone()[0] == 1
 
 
 _turns_lock = threading.Lock()
@@ -672,6 +683,13 @@ class SQLiteStore(RosterStore):
                 log.debug("closing %s: %s", self.path, exc)
 
 
+class SQLiteFeedPosition(NamedTuple):
+    """Where a read of SQLiteChangeFeed stood: the last `roster_changes.id` it had read
+    (any origin's)."""
+
+    last_id: int
+
+
 class SQLiteChangeFeed(ChangeFeed):
     """Changes not made by this node's program processes, read from `roster_changes`: those of
     other applications, and those of the program processes serving other ejabberd nodes.
@@ -729,6 +747,7 @@ class SQLiteChangeFeed(ChangeFeed):
         if self._polls % self.PRUNE_EVERY == 0:
             self._prune()
         changes = []
+        read_at = SQLiteFeedPosition(self._after)
         for entry_id, user, contact, old, new, origin, recorded_at in records:
             if origin == self.origin:
                 continue
@@ -738,7 +757,8 @@ class SQLiteChangeFeed(ChangeFeed):
                             "skipped", self.path, entry_id, user, contact)
                 continue
             changes.append(OutsideChange(user, contact, old, new,
-                                         recorded_at if type(recorded_at) is float else None))
+                                         recorded_at if type(recorded_at) is float else None,
+                                         read_at))
         return changes
 
     def _prune(self) -> None:
