@@ -254,3 +254,33 @@ def test_when_nothing_raced_the_push_carries_the_version_as_read(world):
     now = current_version(world)
     assert pushed_versions(dispatcher, world, changes) == {bob: now, carol: now}
     assert get_with(world, now) is None
+
+
+@pytest.mark.postgres
+def test_the_question_of_each_notification_is_one_lookup_in_an_index(tmp_path, request):
+    """Review: without an index of the log by user, logged_after walked every entry after the
+    read for each user of a batch (a bulk change of N users cost N x N). The plans say the
+    question is answered from the index, in both logs."""
+    path = tmp_path / "plan.sqlite"
+    SQLiteStore(str(path)).close()
+    with sqlite3.connect(path) as db:
+        plan = " ".join(str(row) for row in db.execute(
+            "EXPLAIN QUERY PLAN SELECT EXISTS (SELECT 1 FROM roster_changes WHERE id > ? AND user = ?)",
+            (0, "alice@example.com")))
+    assert "roster_changes_by_user" in plan, plan
+
+    server = request.getfixturevalue("pg_server")
+    schema = server.create_schema()
+    try:
+        with psycopg.connect(server.dsn(schema), autocommit=True) as connection:
+            install_change_log(connection)
+            connection.execute("SET enable_seqscan = off")  # an empty table: ask for the index
+            indexes = [row[0] for row in connection.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'roster_port_changes'")]
+            assert "roster_port_changes_username_xact" in indexes
+            plan = " ".join(row[0] for row in connection.execute(
+                "EXPLAIN SELECT 1 FROM roster_port_changes WHERE username = 'alice@example.com'"
+                " AND (xact >= '5'::xid8 OR xact = ANY(ARRAY['3']::xid8[]))"))
+            assert "roster_port_changes_username_xact" in plan, plan
+    finally:
+        server.drop_schema(schema)

@@ -357,6 +357,12 @@ def _add_request_elements(connection: psycopg.Connection, schema: sql.Identifier
     """)
 
 
+
+@_migration(7, "change_log_by_user")
+def _index_changes_by_user(connection: psycopg.Connection, schema: sql.Identifier) -> None:
+    # The index logged_after's statement uses (pg_changes.change_log_statements).
+    install_change_log(connection, schema)
+
 # --- Errors ---------------------------------------------------------------------------------
 
 # Besides OperationalError (connection failures, lock and statement timeouts, shutdowns): the

@@ -78,6 +78,7 @@ MIGRATION_NAMES = (
     "0003_version_triggers",
     "0004_roster_changes",
     "0005_request_elements",
+    "0006_roster_changes_by_user",
 )
 
 

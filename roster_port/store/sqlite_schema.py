@@ -147,3 +147,11 @@ def _add_request_elements(db: sqlite_utils.Database) -> None:
         "ALTER TABLE roster_items ADD COLUMN request_elements TEXT NOT NULL DEFAULT '[]' "
         "CHECK (json_valid(request_elements) AND json_type(request_elements) = 'array')"
     )
+
+
+@SCHEMA(name="0006_roster_changes_by_user")
+def _index_changes_by_user(db: sqlite_utils.Database) -> None:
+    # A notification asks whether its user has entries after the feed's read
+    # (RosterTxn.logged_after): without this index that walks every entry after the read, for
+    # each user of a batch (a bulk change of N users: N x N).
+    db.execute("CREATE INDEX roster_changes_by_user ON roster_changes (user, id)")
