@@ -1,11 +1,13 @@
 """The program's own metrics: what only the program sees, kept with prometheus_client.
 
 The shim asks each of its programs for these with the `metrics` request (docs/protocol.md),
-sums them per host (a pool has several programs), adds its own figures and serves them all in
-the Prometheus text format (erlang_shim/README.md, "Metrics"). So the program never listens
+labels each program's samples with its worker (a pool has several programs, each counting
+from its own start), adds its own figures and serves them all in the Prometheus text format
+(erlang_shim/README.md, "Metrics"). So the program never listens
 on a port of its own, and its answer is structured data (`families()`), not text.
 
-Kept here (all names under `roster_port_program_`, so they never pass for the shim's):
+Kept here (all names under `roster_port_program_`; the shim refuses an answer that uses the
+few it renders itself under that prefix, such as `roster_port_program_up`):
 - requests run, by op; their handling time, from the moment a worker thread takes them up
   to their answer (the shim's own histogram has the whole round trip, waiting included);
   those running now, by op; those held (queued and running) by the executor;

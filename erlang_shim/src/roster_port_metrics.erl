@@ -50,9 +50,16 @@
 -export([collect/1, collect/2, render/1, status_text/1]).
 %% For tests.
 -export([ops/0, error_kind/1, bucket/1, exit_reason/1, merge_program_samples/1,
-         check_program_answer/1, format_value/1]).
+         check_program_answer/1, format_value/1, with_worker/2]).
 
 -define(KEY(Host), {?MODULE, Host}).
+%% Families the shim renders under the programs' prefix (about the programs
+%% as processes): a program's answer may not use them, with or without
+%% _total.
+-define(SHIM_PROGRAM_FAMILIES,
+        [<<"roster_port_program_", N/binary>>
+         || N <- [<<"up">>, <<"metrics_ok">>, <<"starts">>, <<"starts_total">>, <<"exits">>,
+                  <<"exits_total">>, <<"exit_status">>, <<"exit_status_total">>]]).
 
 -define(OPS, [<<"roster_get">>, <<"roster_iq">>, <<"in_subscription">>,
               <<"out_subscription">>, <<"jid_info">>, <<"pending_in">>,
@@ -339,13 +346,25 @@ host_figures(Host, Parts) ->
                  end,
       workers => Workers,
       programs => [{I, element(1, P)} || {I, P} <- Programs],
-      program_families => merge_program_samples([F || {_, {ok, F}} <- Programs]),
+      program_families => merge_program_samples([with_worker(I, F)
+                                                  || {I, {ok, F}} <- Programs]),
       cache => #{live => roster_port_cache:is_live(Cache),
                  on => Cache /= undefined,
                  records => roster_port_cache:records(Cache)}}.
 
 read_counters(Ref) ->
     list_to_tuple([counters:get(Ref, I) || I <- lists:seq(1, ?N_SLOTS)]).
+
+%% A program's samples labelled with its worker: each program counts from
+%% its own start, so the series are per worker. Summed over a host's
+%% programs, one that restarted or did not answer this scrape in time would
+%% make the sum drop, which Prometheus takes for a reset of the counter
+%% (rate() and increase() then count the rest again); per worker, a
+%% restart is that series' own reset and a missing answer leaves it stale.
+with_worker(I, Families) ->
+    W = {<<"worker">>, integer_to_binary(I)},
+    [{Name, Type, Help, [{SName, lists:sort([W | Labels]), V} || {SName, Labels, V} <- Samples]}
+     || {Name, Type, Help, Samples} <- Families].
 
 %% {ok, Families} or {Why, []}: Why says what the program did instead.
 program_answer({ok, #{<<"families">> := Families}}) ->
@@ -378,9 +397,14 @@ check_program_answer(_) ->
 check_family(#{<<"name">> := Name, <<"type">> := Type, <<"help">> := Help,
                <<"samples">> := Samples}) when is_list(Samples) ->
     program_name(Name) orelse throw({bad_name, Name}),
+    lists:member(Name, ?SHIM_PROGRAM_FAMILIES) andalso throw({shim_family, Name}),
     lists:member(Type, [<<"counter">>, <<"gauge">>, <<"histogram">>]) orelse throw(bad_type),
-    is_binary(Help) andalso byte_size(Help) =< 1024 orelse throw(bad_help),
-    {Name, Type, Help, [check_sample(S) || S <- Samples]};
+    is_binary(Help) andalso byte_size(Help) =< 1024 andalso utf8(Help) orelse throw(bad_help),
+    Checked = [check_sample(S) || S <- Samples],
+    Allowed = sample_names(Name, Type),
+    lists:all(fun({SName, _, _}) -> lists:member(SName, Allowed) end, Checked)
+        orelse throw({sample_of_another_family, Name}),
+    {Name, Type, Help, Checked};
 check_family(_) ->
     throw(bad_family).
 
@@ -391,13 +415,23 @@ check_sample([Name, Labels, Value]) when is_map(Labels), is_number(Value) ->
                 [begin
                      label_name(K) andalso K /= <<"host">> andalso K /= <<"worker">>
                          orelse throw({bad_label, K}),
-                     is_binary(V) andalso byte_size(V) =< ?MAX_LABEL_BYTES
+                     is_binary(V) andalso byte_size(V) =< ?MAX_LABEL_BYTES andalso utf8(V)
                          orelse throw(bad_label_value),
                      {K, V}
                  end || {K, V} <- maps:to_list(Labels)]),
     {Name, Checked, Value};
 check_sample(_) ->
     throw(bad_sample).
+
+%% The sample names a family of Type may have (prometheus_client's).
+sample_names(Name, <<"counter">>) -> [Name, <<Name/binary, "_total">>];
+sample_names(Name, <<"gauge">>) -> [Name];
+sample_names(Name, <<"histogram">>) ->
+    [<<Name/binary, S/binary>> || S <- [<<"_bucket">>, <<"_sum">>, <<"_count">>]].
+
+%% The text format is UTF-8: one invalid byte spoils the whole scrape.
+utf8(B) ->
+    unicode:characters_to_binary(B) =:= B.
 
 program_name(<<"roster_port_program_", Rest/binary>>) when byte_size(Rest) > 0,
                                                            byte_size(Rest) =< 100 ->

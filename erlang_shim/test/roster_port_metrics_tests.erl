@@ -134,6 +134,42 @@ program_answer_checks_test() ->
            [#{<<"name">> => <<"roster_port_program_x">>}]],
     [?assertMatch({error, _}, roster_port_metrics:check_program_answer(B)) || B <- Bad].
 
+%% Found by review: names the shim renders itself, samples that are not
+%% their family's, and text that is not UTF-8 (which spoils a whole scrape)
+%% are refused.
+program_answers_cannot_pass_for_the_shims_or_break_the_format_test() ->
+    Bad = [[family(<<"roster_port_program_starts">>,
+                   [[<<"roster_port_program_starts_total">>, #{}, 1]])],
+           [family(<<"roster_port_program_up">>, [[<<"roster_port_program_up">>, #{}, 1]])],
+           [family(<<"roster_port_program_x">>,
+                   [[<<"roster_port_program_requests_total">>, #{}, 1]])],
+           [family(<<"roster_port_program_x">>,
+                   [[<<"roster_port_program_x_total">>, #{<<"v">> => <<16#ff>>}, 1]])],
+           [(family(<<"roster_port_program_x">>, []))#{<<"help">> => <<"caf", 16#e9>>}]],
+    [?assertMatch({error, _}, roster_port_metrics:check_program_answer(B)) || B <- Bad],
+    ?assertMatch({ok, _}, roster_port_metrics:check_program_answer(
+                            [family(<<"roster_port_program_x">>,
+                                    [[<<"roster_port_program_x_total">>,
+                                      #{<<"v">> => <<"caf", 16#c3, 16#a9>>}, 1]])])).
+
+%% Found by review: summed over a host's programs, a program missing from
+%% one scrape (or restarted) made the sum drop, a counter reset for
+%% Prometheus. Per worker, each program's series are its own.
+program_samples_are_per_worker_test() ->
+    {ok, A} = roster_port_metrics:check_program_answer(
+                [family(<<"roster_port_program_requests">>,
+                        [[<<"roster_port_program_requests_total">>, #{<<"op">> => <<"a">>}, 1]])]),
+    Merged = roster_port_metrics:merge_program_samples(
+               [roster_port_metrics:with_worker(1, A), roster_port_metrics:with_worker(2, A)]),
+    ?assertEqual([{<<"roster_port_program_requests">>, <<"counter">>, <<"h">>,
+                   [{<<"roster_port_program_requests_total">>,
+                     [{<<"op">>, <<"a">>}, {<<"worker">>, <<"1">>}], 1},
+                    {<<"roster_port_program_requests_total">>,
+                     [{<<"op">>, <<"a">>}, {<<"worker">>, <<"2">>}], 1}]}],
+                 Merged),
+    OneMissing = roster_port_metrics:merge_program_samples([roster_port_metrics:with_worker(2, A)]),
+    ?assertMatch([{_, _, _, [{_, [_, {<<"worker">>, <<"2">>}], 1}]}], OneMissing).
+
 merge_sums_samples_test() ->
     {ok, A} = roster_port_metrics:check_program_answer(
                 [family(<<"roster_port_program_requests">>,
