@@ -20,9 +20,11 @@
 %%%   - A program that hangs, exits, or writes something that is not a frame
 %%%     is killed (a program opened is always in the state or killed) and
 %%%     started again after a backoff: 100 ms when it had answered hello
-%%%     and run for SERVED_MS (1 s), else doubling up to max_backoff (a
-%%%     program that fails before hello, or at once, is retried less and
-%%%     less often).
+%%%     and then a request, or run for SERVED_MS (1 s), else doubling up to
+%%%     max_backoff (a program that fails before hello, or before it
+%%%     answers anything, is retried less and less often; a poison request
+%%%     that kills every program it reaches is bounded by its caller: a read
+%%%     is resent once, a presence retried by the journal's own backoff).
 %%%   - A program is "coming" from the worker's start and from each hello
 %%%     answered, until a program fails before answering hello (then not
 %%%     until one answers). While a program is coming and none is up (its
@@ -126,6 +128,8 @@
          %% The frame decoder of the program's stdout (undefined: no port).
          frames :: undefined | roster_port_frames:state(),
          started_at = 0 :: integer(),
+         %% The program has answered a caller's request (since its start).
+         answered = false :: boolean(),
          %% Whether a program is coming (module doc), and when the next start
          %% is due while status is down.
          coming = true :: boolean(),
@@ -304,7 +308,7 @@ start_program(#state{command = [Exe | Args]} = State0) ->
                       [State#state.host, State#state.index, Path, OsPid]),
             Now = now_ms(),
             say_hello(State#state{port = Port, os_pid = OsPid, status = starting,
-                                  started_at = Now, next_id = 1,
+                                  started_at = Now, answered = false, next_id = 1,
                                   written = 0, drained = 0, read_at = Now,
                                   frames = roster_port_frames:new(State#state.max_frame_bytes)});
         {error, Reason} ->
@@ -383,6 +387,7 @@ program_down(Why, #state{port = Port, os_pid = OsPid} = State) ->
                   %% Neither heals by itself: no point in trying soon.
                   {unsupported_protocol, _} -> State#state.max_backoff;
                   {hello_too_large, _} -> State#state.max_backoff;
+                  _ when Served, State#state.answered -> ?MIN_BACKOFF;
                   _ when Served, Now - State#state.started_at >= ?SERVED_MS -> ?MIN_BACKOFF;
                   _ -> State#state.backoff
               end,
@@ -661,7 +666,10 @@ handle_message([1, Id, Error, Result], State) when is_integer(Id) ->
     case maps:take(Id, State#state.pending) of
         {{_, Op, Args, _} = Entry, Pending} ->
             roster_port_cache:answer_received(State#state.cache, Op, Args),
-            answered(Entry, Reply, refused(Reply, Op, Args, State#state{pending = Pending}));
+            Answered = State#state.answered orelse element(1, Reply) == ok,
+            answered(Entry, Reply, refused(Reply, Op, Args,
+                                           State#state{pending = Pending,
+                                                       answered = Answered}));
         error ->
             case maps:take(Id, State#state.late) of
                 {{Op, Args}, Late} ->

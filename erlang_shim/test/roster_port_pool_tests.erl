@@ -1101,6 +1101,34 @@ backoff_reset_test_() ->
                      end)}
      end}.
 
+%% Kills well under a second apart of programs that answered a request
+%% also cost the minimum backoff each time: they are not a crash loop (the
+%% fault suite's "presence sent as a program dies" met 100 -> 200 -> 400 ->
+%% 800 ms, 2.5 s to recovery, for 8 kills in 3.5 s of programs that served).
+backoff_after_an_answer_test_() ->
+    {setup,
+     fun() -> start_pool(#{pool_size => 1, max_backoff => 5000}) end,
+     fun stop_pool/1,
+     fun(_) ->
+             {timeout, 30,
+              ?_test(begin
+                         U = <<"a@x">>,
+                         Kill = fun() ->
+                                        ok = wait_until(fun() ->
+                                                                maps:get(status, worker_status(U)) == up
+                                                        end, ?WAIT),
+                                        ?assertMatch({ok, _}, call(U, <<"echo">>, #{})),
+                                        #{os_pid := Pid} = worker_status(U),
+                                        kill9(Pid),
+                                        ok = wait_until(fun() -> up_again(U, Pid) end, ?WAIT)
+                                end,
+                         Logged = capture_log(fun() -> [Kill() || _ <- lists:seq(1, 4)] end),
+                         Delays = [Delay || Line <- Logged,
+                                            [_, Delay] <- [string:split(Line, "restarting it in ")]],
+                         ?assertEqual(["100 ms", "100 ms", "100 ms", "100 ms"], Delays)
+                     end)}
+     end}.
+
 %% The waiting callers are bounded (MAX_WAITING, 10,000): one more is
 %% unavailable at once (while the program it would wait for is still at
 %% its hello, and the others all wait); the ones waiting are all served.
