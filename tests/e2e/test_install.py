@@ -27,14 +27,13 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from ejabberd_harness import free_port
+from ejabberd_harness import _poll_until, free_port
 from xmpp_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -55,14 +54,6 @@ def _skip_reason() -> str | None:
     except KeyError:
         return "no ejabberd user"
     return None
-
-
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _printed_lines(output: str) -> tuple[str, str]:
@@ -192,16 +183,18 @@ modules:
     def __enter__(self) -> "SystemEjabberd":
         self.ejabberdctl("start")
         self.started = True
-        _wait_until(self._running, 60, "ejabberdctl status")
+        _poll_until(self._running, 60, lambda: "timed out waiting for ejabberdctl status")
         log = self.logs / "ejabberd.log"
-        _wait_until(lambda: log.exists() and "Start accepting TCP connections" in
-                    log.read_text(errors="replace"), 60, "ejabberd's listener")
+        _poll_until(lambda: log.exists() and "Start accepting TCP connections" in
+                    log.read_text(errors="replace"), 60,
+                    lambda: "timed out waiting for ejabberd's listener")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.started:
             self.ejabberdctl("stop", check=False)
-            _wait_until(lambda: not self._running(), 60, "ejabberd to stop")
+            _poll_until(lambda: not self._running(), 60,
+                        lambda: "timed out waiting for ejabberd to stop")
 
     def register(self, *users: str) -> None:
         for user in users:

@@ -8,12 +8,11 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from ejabberd_harness import free_port
+from ejabberd_harness import _poll_until, free_port
 from xmpp_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -43,14 +42,6 @@ def _kill_leftovers(script: subprocess.Popen, var_dir: Path) -> None:
             os.kill(int(line.split()[0]), signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -87,11 +78,11 @@ def test_sigterm_while_ejabberd_is_starting_leaves_nothing_running(tmp_path: Pat
     script = _start(var_dir, port)
     try:
         # ejabberd's Erlang VM is up (its command line names the directory), not yet serving.
-        _wait_until(lambda: any("beam" in p or "erl" in p for p in _processes_in(var_dir)), 120,
-                    "ejabberd's VM")
+        _poll_until(lambda: any("beam" in p or "erl" in p for p in _processes_in(var_dir)), 120,
+                    lambda: "timed out waiting for ejabberd's VM")
         script.send_signal(signal.SIGTERM)
         assert script.wait(timeout=60) == 0
-        _wait_until(lambda: _processes_in(var_dir) == [], 30,
-                    "every process of the demo to exit")
+        _poll_until(lambda: _processes_in(var_dir) == [], 30,
+                    lambda: "timed out waiting for every process of the demo to exit")
     finally:
         _kill_leftovers(script, var_dir)
